@@ -1,0 +1,219 @@
+"""Configuration: one pydantic settings class per service, and the YAML job spec.
+
+Settings read environment variables (prefix ``AXPO_<SERVICE>_``, nested fields joined with
+``__``), e.g. ``AXPO_VERIFIER_RPC__PORT=50053``. Every field carries a docstring; a unit test
+fails if one does not. Job specs are YAML files validated by :class:`JobSpec`; errors name the
+file and the dotted path of the field (``algorithm.rho: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from axpo.domain import RewardWeights
+
+_MODEL = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+def _settings(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=prefix,
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+
+# --------------------------------------------------------------------------- gRPC
+
+
+class RpcServerSettings(BaseModel):
+    """How a service listens."""
+
+    model_config = _MODEL
+
+    host: str = "127.0.0.1"
+    """Address to bind. Use 0.0.0.0 in containers."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """TCP port; 0 picks a free port (the bound port is logged and returned)."""
+    max_workers: Annotated[int, Field(ge=1)] = 8
+    """Threads serving RPCs concurrently."""
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    """Largest request or response message accepted, in bytes."""
+    auth_token: str | None = None
+    """When set, every RPC except health checks must carry ``authorization: Bearer <token>``."""
+    grace_s: Annotated[float, Field(ge=0)] = 5.0
+    """On SIGTERM, seconds in-flight RPCs get to finish before they are cancelled."""
+    reflection: bool = True
+    """Expose gRPC server reflection (grpcurl, grpcui)."""
+    log_requests: bool = True
+    """Log one line per RPC: method, status code, latency."""
+
+
+class RpcClientSettings(BaseModel):
+    """How a caller reaches a service."""
+
+    model_config = _MODEL
+
+    target: str = "127.0.0.1:50051"
+    """host:port of the service."""
+    deadline_s: Annotated[float, Field(gt=0)] = 30.0
+    """Default deadline of each call, in seconds, when the caller gives none."""
+    max_attempts: Annotated[int, Field(ge=1, le=5)] = 4
+    """Attempts per call, retried only on UNAVAILABLE (gRPC caps this at 5)."""
+    initial_backoff_s: Annotated[float, Field(gt=0)] = 0.1
+    """Backoff before the first retry, in seconds (then multiplied, with jitter)."""
+    max_backoff_s: Annotated[float, Field(gt=0)] = 2.0
+    """Longest backoff between retries, in seconds."""
+    backoff_multiplier: Annotated[float, Field(ge=1)] = 2.0
+    """Factor applied to the backoff after each retry."""
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    """Largest message sent or received, in bytes."""
+    auth_token: str | None = None
+    """Sent as ``authorization: Bearer <token>`` when set."""
+
+
+class LogSettings(BaseModel):
+    """Structured logging."""
+
+    model_config = _MODEL
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Minimum level written."""
+    format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (for collectors); ``text``: key=value for people."""
+
+
+# --------------------------------------------------------------------------- verifier
+
+
+class VerifierSettings(BaseSettings):
+    """The reward verifier service (``axpo serve verifier``)."""
+
+    model_config = _settings("AXPO_VERIFIER_")
+
+    rpc: RpcServerSettings = RpcServerSettings(port=50053)
+    """Where the service listens."""
+    log: LogSettings = LogSettings()
+    """Logging."""
+    default_rel_tol: Annotated[float, Field(ge=0)] = 1e-2
+    """Relative tolerance of the number checker when an item sets none."""
+    default_abs_tol: Annotated[float, Field(ge=0)] = 0.0
+    """Absolute tolerance of the number checker when an item sets none."""
+    default_time_limit_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    """Per-item time limit when an item sets none; a math check past it is killed."""
+    math_workers: Annotated[int, Field(ge=1, le=64)] = 2
+    """Worker processes for math checks (each killable, so hostile LaTeX cannot hang the service)."""
+    max_output_chars: Annotated[int, Field(ge=1)] = 2_000_000
+    """Outputs longer than this are scored 0 without being read."""
+    reward_weights: RewardWeights = RewardWeights()
+    """Default reward composition (a request's weights override it field by field)."""
+
+
+# --------------------------------------------------------------------------- job spec
+
+
+class AlgorithmSpec(BaseModel):
+    """GRPO or AXPO and their knobs (DESIGN.md section 1)."""
+
+    model_config = _MODEL
+
+    name: Literal["grpo", "axpo"] = "axpo"
+    """``grpo``: plain group sampling; ``axpo``: plus tool-call resampling of all-wrong tool
+    subgroups from frozen thinking prefixes."""
+    group_size: Annotated[int, Field(ge=2, le=256)] = 8
+    """Rollouts per question (G)."""
+    tool_call_anchor: Literal["first", "any"] = "first"
+    """Which tool call ends a candidate thinking prefix."""
+    uncertainty: Literal["mean_entropy", "first_token_entropy", "neg_mean_logprob"] = (
+        "mean_entropy"
+    )
+    """Uncertainty score of a candidate prefix, measured on the original tool-call tokens."""
+    rho: Annotated[float, Field(gt=0, le=1)] = 0.25
+    """Fraction of candidate prefixes kept (at least one)."""
+    resamples_per_prefix: Annotated[int, Field(ge=1)] | None = None
+    """K; unset means the budget K * kept = group_size / 2."""
+    advantage_grouping: Literal["union", "per_prefix"] = "union"
+    """Normalize advantages over the group plus resamples, or per shared prefix."""
+    mask_frozen_prefix: bool = True
+    """Exclude the frozen prefix of resampled rollouts from the loss."""
+
+
+class RewardSpec(BaseModel):
+    """Reward composition for the job."""
+
+    model_config = _MODEL
+
+    accuracy: Annotated[float, Field(ge=0)] = 1.0
+    """Weight of correctness (0 or 1)."""
+    format: Annotated[float, Field(ge=0)] = 0.1
+    """Weight of the format score (well-formed think/answer/tool-call structure)."""
+    tool_bonus: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the bonus for a correct answer reached with at least one tool call."""
+
+    def weights(self) -> RewardWeights:
+        return RewardWeights(accuracy=self.accuracy, format=self.format,
+                             tool_bonus=self.tool_bonus)
+
+
+class JobSpec(BaseModel):
+    """A training job, as written in a YAML file under configs/."""
+
+    model_config = _MODEL
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    """Job name: letters, digits, ``.``, ``_``, ``-``."""
+    model: Annotated[str, Field(min_length=1)]
+    """Model checkpoint: a local directory or a hub name."""
+    algorithm: AlgorithmSpec = AlgorithmSpec()
+    """Policy-optimization algorithm."""
+    reward: RewardSpec = RewardSpec()
+    """Reward composition."""
+    steps: Annotated[int, Field(ge=1)] = 100
+    """Optimizer steps to run."""
+    questions_per_step: Annotated[int, Field(ge=1)] = 16
+    """Questions (groups) per optimizer step."""
+    seed: int = 0
+    """Seed for task sampling, rollouts and the learner."""
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot be used; the message names the file and every bad field."""
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML job spec.
+
+    Raises JobSpecError with one line per problem, each naming the field's dotted path.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise JobSpecError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise JobSpecError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise JobSpecError(f"{path}: expected a mapping at the top level, got "
+                           f"{type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise JobSpecError(f"{path}: invalid job spec:\n" + format_validation_error(exc)) from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per error: ``  field.path: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {where}: {err['msg']}{shown}")
+    return "\n".join(lines)
