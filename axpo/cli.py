@@ -1,2 +1,251 @@
-def main() -> None:
-    print("placeholder")
+"""The ``axpo`` command line: one entry point for people, subcommands per capability.
+
+Heavy and service-specific modules are imported inside the handlers, so ``axpo --help`` stays
+fast and the core package never imports a service at module level. A service's handler loads
+it by module name (:func:`_load_service`); a missing service package is a clear error that says
+what to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from axpo import __version__
+
+if TYPE_CHECKING:
+    from axpo.domain import Reward, RewardWeights, ScoreItem
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+# Service name -> (module it lives in, the distribution that provides it).
+_SERVICES = {
+    "verifier": ("axpo_verifier", "services/verifier"),
+}
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed without a traceback, exit code 2."""
+
+
+def _load_service(name: str, submodule: str) -> ModuleType:
+    package, folder = _SERVICES[name]
+    try:
+        return importlib.import_module(f"{package}.{submodule}")
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == package:
+            raise UsageError(
+                f"the {name} service is not installed: pip install -e {folder}"
+            ) from exc
+        raise
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == "verifier":
+        from axpo.config import VerifierSettings
+
+        settings = VerifierSettings()
+        rpc = settings.rpc.model_copy(
+            update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        )
+        settings = settings.model_copy(update={"rpc": rpc})
+        _load_service("verifier", "server").serve(settings, port_file=args.port_file)
+        return EXIT_OK
+    raise UsageError(f"unknown service {args.service!r}")  # argparse choices prevent this
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _parse_choices(raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--choices must be a JSON list of strings: {exc}") from exc
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise UsageError('--choices must be a JSON list of strings, e.g. \'["3", "4", "5"]\'')
+    return tuple(value)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from axpo.config import VerifierSettings
+    from axpo.domain import AnswerKind, RewardWeights, ScoreItem
+
+    for flag, value in (("--rel-tol", args.rel_tol), ("--abs-tol", args.abs_tol)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{flag} must be a number >= 0, got {value}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise UsageError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+    item = ScoreItem(
+        output=sys.stdin.read(),
+        gold=args.gold,
+        kind=AnswerKind(args.kind),
+        choices=_parse_choices(args.choices),
+        rel_tol=args.rel_tol,
+        abs_tol=args.abs_tol,
+        tool_calls=args.tool_calls,
+        time_limit_s=args.time_limit,
+    )
+    settings = VerifierSettings(math_workers=1)
+    weights = settings.reward_weights
+    if args.format_weight is not None or args.tool_bonus_weight is not None:
+        weights = RewardWeights(
+            accuracy=weights.accuracy,
+            format=weights.format if args.format_weight is None else args.format_weight,
+            tool_bonus=(
+                weights.tool_bonus if args.tool_bonus_weight is None else args.tool_bonus_weight
+            ),
+        )
+    if args.server:
+        reward = _verify_remote(args.server, item, weights)
+    else:
+        verifier_mod = _load_service("verifier", "verifier")
+        with verifier_mod.Verifier(settings) as verifier:
+            (reward,) = verifier.score([item], weights)
+    print(
+        json.dumps(
+            {
+                "correct": reward.correct,
+                "reward": reward.total,
+                "extracted": reward.extracted,
+                "reason": reward.reason,
+                "checker": reward.checker,
+                "accuracy": reward.accuracy,
+                "format": reward.format,
+                "tool_bonus": reward.tool_bonus,
+                "timed_out": reward.timed_out,
+            },
+            ensure_ascii=False,
+        )
+    )
+    return EXIT_OK
+
+
+def _verify_remote(target: str, item: ScoreItem, weights: RewardWeights) -> Reward:
+    from axpo import convert
+    from axpo.config import RpcClientSettings
+    from axpo.rpc.client import open_channel
+    from axpo.v1 import verifier_pb2, verifier_pb2_grpc
+
+    channel = open_channel(RpcClientSettings(target=target))
+    with channel:
+        stub = verifier_pb2_grpc.VerifierServiceStub(channel)
+        response = stub.Score(
+            verifier_pb2.ScoreRequest(
+                items=[convert.score_item_to_proto(item)],
+                weights=convert.reward_weights_to_proto(weights),
+            )
+        )
+    return convert.reward_from_proto(response.results[0].reward)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "verifier":
+        bench = _load_service("verifier", "bench")
+        result = bench.run(items=args.items, math_items_n=args.math_items, rounds=args.rounds)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            bench.print_table(result)
+        return EXIT_OK
+    raise UsageError(f"unknown benchmark {args.target!r}")
+
+
+# --------------------------------------------------------------------------- job
+
+
+def _cmd_job_check(args: argparse.Namespace) -> int:
+    from axpo.config import JobSpecError, load_job_spec
+
+    try:
+        spec = load_job_spec(args.file)
+    except JobSpecError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="axpo",
+        description="Train vision-language models to think and use tools with RL (GRPO, AXPO).",
+    )
+    parser.add_argument("--version", action="version", version=f"axpo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run a service (gRPC) until SIGTERM")
+    serve.add_argument("service", choices=sorted(_SERVICES), help="which service")
+    serve.add_argument("--host", help="bind address (default from settings/env)")
+    serve.add_argument("--port", type=int, help="port; 0 picks a free one")
+    serve.add_argument("--port-file", type=Path, help="write the bound port to this file")
+    serve.set_defaults(handler=_cmd_serve)
+
+    verify = sub.add_parser(
+        "verify",
+        help="score one model output (read from stdin) against a reference answer",
+        description="Reads the model output on stdin and prints one JSON object with correct, "
+        "reward, extracted, reason. Exit 0 whenever a verdict was reached, 2 on bad arguments.",
+    )
+    verify.add_argument("--kind", required=True, choices=["choice", "number", "text", "math"])
+    verify.add_argument("--gold", required=True, help="the reference answer")
+    verify.add_argument("--choices", help='option texts as a JSON list, e.g. \'["red", "blue"]\'')
+    verify.add_argument("--rel-tol", type=float, help="relative tolerance (number; default 1e-2)")
+    verify.add_argument("--abs-tol", type=float, help="absolute tolerance (number; default 0)")
+    verify.add_argument("--tool-calls", type=int, default=0, help="tool calls the rollout made")
+    verify.add_argument("--time-limit", type=float, help="seconds for this item (default 2)")
+    verify.add_argument("--format-weight", type=float, help="weight of the format reward")
+    verify.add_argument("--tool-bonus-weight", type=float, help="weight of the tool-use bonus")
+    verify.add_argument("--server", metavar="HOST:PORT", help="score through a running service")
+    verify.set_defaults(handler=_cmd_verify)
+
+    bench = sub.add_parser("bench", help="measure a component's throughput")
+    bench.add_argument("target", choices=["verifier"])
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--items", type=int, default=20_000, help="non-math items per round")
+    bench.add_argument("--math-items", type=int, default=200, help="math items per round")
+    bench.add_argument("--rounds", type=int, default=3, help="rounds (the best is reported)")
+    bench.set_defaults(handler=_cmd_bench)
+
+    job = sub.add_parser("job", help="work with job specs")
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    check = job_sub.add_parser("check", help="validate a YAML job spec and print it resolved")
+    check.add_argument("file", type=Path)
+    check.set_defaults(handler=_cmd_job_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except UsageError as exc:
+        print(f"axpo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -109,7 +109,7 @@ class VerifierSettings(BaseSettings):
     default_time_limit_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     """Per-item time limit when an item sets none; a math check past it is killed."""
     math_workers: Annotated[int, Field(ge=1, le=64)] = 2
-    """Worker processes for math checks (each killable, so hostile LaTeX cannot hang the service)."""
+    """Worker processes for math checks (killable, so hostile LaTeX cannot hang the service)."""
     max_output_chars: Annotated[int, Field(ge=1)] = 2_000_000
     """Outputs longer than this are scored 0 without being read."""
     reward_weights: RewardWeights = RewardWeights()
@@ -131,9 +131,7 @@ class AlgorithmSpec(BaseModel):
     """Rollouts per question (G)."""
     tool_call_anchor: Literal["first", "any"] = "first"
     """Which tool call ends a candidate thinking prefix."""
-    uncertainty: Literal["mean_entropy", "first_token_entropy", "neg_mean_logprob"] = (
-        "mean_entropy"
-    )
+    uncertainty: Literal["mean_entropy", "first_token_entropy", "neg_mean_logprob"] = "mean_entropy"
     """Uncertainty score of a candidate prefix, measured on the original tool-call tokens."""
     rho: Annotated[float, Field(gt=0, le=1)] = 0.25
     """Fraction of candidate prefixes kept (at least one)."""
@@ -158,8 +156,7 @@ class RewardSpec(BaseModel):
     """Weight of the bonus for a correct answer reached with at least one tool call."""
 
     def weights(self) -> RewardWeights:
-        return RewardWeights(accuracy=self.accuracy, format=self.format,
-                             tool_bonus=self.tool_bonus)
+        return RewardWeights(accuracy=self.accuracy, format=self.format, tool_bonus=self.tool_bonus)
 
 
 class JobSpec(BaseModel):
@@ -200,8 +197,7 @@ def load_job_spec(path: str | Path) -> JobSpec:
     except yaml.YAMLError as exc:
         raise JobSpecError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise JobSpecError(f"{path}: expected a mapping at the top level, got "
-                           f"{type(raw).__name__}")
+        raise JobSpecError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:

@@ -232,20 +232,26 @@ class Trajectory:
         for name in ("loss_mask", "logprobs", "entropies"):
             got = len(getattr(self, name))
             if got != n:
-                raise ValueError(f"trajectory {self.trajectory_id}: {name} has {got} entries, "
-                                 f"token_ids has {n}")
+                raise ValueError(
+                    f"trajectory {self.trajectory_id}: {name} has {got} entries, token_ids has {n}"
+                )
         pos = 0
         for i, seg in enumerate(self.segments):
             if seg.start != pos or seg.end < seg.start:
-                raise ValueError(f"trajectory {self.trajectory_id}: segment {i} spans "
-                                 f"[{seg.start}, {seg.end}) but should start at {pos}")
+                raise ValueError(
+                    f"trajectory {self.trajectory_id}: segment {i} spans "
+                    f"[{seg.start}, {seg.end}) but should start at {pos}"
+                )
             pos = seg.end
         if self.segments and pos != n:
-            raise ValueError(f"trajectory {self.trajectory_id}: segments end at {pos}, "
-                             f"token_ids has {n}")
+            raise ValueError(
+                f"trajectory {self.trajectory_id}: segments end at {pos}, token_ids has {n}"
+            )
         if not 0 <= self.prompt_length <= n:
-            raise ValueError(f"trajectory {self.trajectory_id}: prompt_length "
-                             f"{self.prompt_length} outside [0, {n}]")
+            raise ValueError(
+                f"trajectory {self.trajectory_id}: prompt_length "
+                f"{self.prompt_length} outside [0, {n}]"
+            )
         if any(self.loss_mask[: self.prompt_length]):
             raise ValueError(f"trajectory {self.trajectory_id}: loss_mask covers prompt tokens")
 

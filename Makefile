@@ -1,0 +1,20 @@
+# Entry points for people and CI. Each target sets up what it needs (scripts/setup.sh).
+.PHONY: setup test demo protos bench clean
+
+setup:          ## create .venv with the core, implemented services and dev tools
+	bash scripts/setup.sh
+
+test:           ## the test command: setup + lint + types + import rules + protos + pytest
+	bash scripts/test.sh
+
+demo:           ## the main job today: run the verifier service and score sample outputs
+	bash scripts/demo.sh
+
+protos:         ## regenerate axpo/v1 from protos/
+	bash scripts/gen_protos.sh
+
+bench:          ## benchmarks (JSON)
+	bash scripts/setup.sh && .venv/bin/axpo bench verifier --json
+
+clean:
+	rm -rf .venv node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

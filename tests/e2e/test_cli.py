@@ -1,0 +1,156 @@
+"""The axpo CLI as a person runs it: real processes, real service, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+AXPO = [sys.executable, "-m", "axpo.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def axpo(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AXPO, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_help_lists_the_commands():
+    out = axpo("--help")
+    assert out.returncode == 0
+    for command in ("serve", "verify", "bench", "job"):
+        assert command in out.stdout
+
+
+def test_help_does_not_import_heavy_modules():
+    code = (
+        "import sys; from axpo.cli import build_parser; build_parser(); "
+        "heavy = [m for m in ('grpc', 'pydantic', 'sympy', 'math_verify', 'torch', "
+        "'axpo_verifier') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "correct", "extracted"),
+    [
+        (["--kind", "choice", "--gold", "B"], "<think>A?</think>\n\nThe answer is (B).", True, "B"),
+        (["--kind", "number", "--gold", "42"], "</think>\n\n<answer>41</answer>", False, "41"),
+        (
+            ["--kind", "number", "--gold", "1000", "--rel-tol", "0.05"],
+            "about 1,040 people",
+            True,
+            None,
+        ),
+        (
+            ["--kind", "text", "--gold", "Eiffel Tower"],
+            "</think>The answer is the eiffel tower.",
+            True,
+            None,
+        ),
+        (["--kind", "math", "--gold", "\\frac{1}{2}"], "</think>\\boxed{0.5}", True, "0.5"),
+    ],
+    ids=["choice", "number-wrong", "number-tol", "text", "math"],
+)
+def test_verify_prints_a_verdict(args, stdin, correct, extracted):
+    out = axpo("verify", *args, stdin=stdin)
+    assert out.returncode == 0, out.stderr
+    verdict = json.loads(out.stdout)
+    assert {"correct", "reward", "extracted", "reason"} <= verdict.keys()
+    assert verdict["correct"] is correct
+    assert isinstance(verdict["reward"], float)
+    assert verdict["reason"]
+    if extracted is not None:
+        assert verdict["extracted"] == extracted
+
+
+def test_verify_without_an_answer_is_still_a_verdict():
+    out = axpo("verify", "--kind", "number", "--gold", "3", stdin="")
+    assert out.returncode == 0
+    verdict = json.loads(out.stdout)
+    assert verdict["correct"] is False
+    assert verdict["extracted"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--kind", "choice", "--gold", "B", "--choices", "[1, 2]"], "--choices"),
+        (["--kind", "choice", "--gold", "B", "--choices", "not json"], "--choices"),
+        (["--kind", "number", "--gold", "3", "--rel-tol", "-1"], "--rel-tol"),
+        (["--kind", "number", "--gold", "3", "--rel-tol", "nan"], "--rel-tol"),
+        (["--kind", "bogus", "--gold", "3"], "--kind"),
+        (["--gold", "3"], "--kind"),
+        (["--kind", "number", "--gold", "3", "--time-limit", "0"], "--time-limit"),
+    ],
+    ids=["choices-type", "choices-json", "neg-tol", "nan-tol", "kind", "no-kind", "time-limit"],
+)
+def test_verify_bad_arguments_exit_2(args, message):
+    out = axpo("verify", *args, stdin="42")
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert out.stdout == ""
+
+
+def test_job_check(tmp_path):
+    ok = axpo("job", "check", str(REPO / "configs" / "example-job.yaml"))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["algorithm"]["rho"] == 0.25
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: m\nalgorithm: {group_size: 1}\n")
+    out = axpo("job", "check", str(bad))
+    assert out.returncode == 2
+    assert "algorithm.group_size" in out.stderr
+
+
+def test_serve_verify_through_grpc_and_stop_on_sigterm(tmp_path):
+    port_file = tmp_path / "port"
+    env = {**os.environ, "AXPO_VERIFIER_LOG__FORMAT": "json"}
+    server = subprocess.Popen(
+        [*AXPO, "serve", "verifier", "--port", "0", "--port-file", str(port_file)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "server did not write its port"
+            time.sleep(0.05)
+        target = f"127.0.0.1:{port_file.read_text().strip()}"
+        out = axpo(
+            "verify",
+            "--server",
+            target,
+            "--kind",
+            "number",
+            "--gold",
+            "7",
+            "--tool-calls",
+            "2",
+            "--tool-bonus-weight",
+            "0.5",
+            stdin="<think>3+4</think>\n\n<answer>7</answer>",
+        )
+        assert out.returncode == 0, out.stderr
+        verdict = json.loads(out.stdout)
+        assert verdict["correct"] is True
+        assert verdict["tool_bonus"] == 1.0
+        assert verdict["reward"] == pytest.approx(1.0 + 0.1 * verdict["format"] + 0.5)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any("Score" in json.dumps(line) for line in lines), stderr

@@ -1,0 +1,100 @@
+"""Settings and job specs: documented fields, environment overrides, errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from axpo import config
+from axpo.domain import RewardWeights
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _models(root: type[BaseModel]) -> set[type[BaseModel]]:
+    found = {root}
+    for field in root.model_fields.values():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            found |= _models(ann)
+    return found
+
+
+ALL_MODELS = sorted(
+    set().union(*(_models(m) for m in (config.VerifierSettings, config.JobSpec))),
+    key=lambda m: m.__name__,
+)
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.__name__)
+def test_every_field_is_documented(model):
+    missing = [name for name, f in model.model_fields.items() if not f.description]
+    assert not missing, f"{model.__name__} fields without a docstring: {missing}"
+
+
+def test_environment_overrides_nested_fields(monkeypatch):
+    monkeypatch.setenv("AXPO_VERIFIER_RPC__PORT", "6123")
+    monkeypatch.setenv("AXPO_VERIFIER_DEFAULT_REL_TOL", "0.05")
+    monkeypatch.setenv("AXPO_VERIFIER_REWARD_WEIGHTS__TOOL_BONUS", "0.5")
+    s = config.VerifierSettings()
+    assert s.rpc.port == 6123
+    assert s.default_rel_tol == 0.05
+    assert s.reward_weights == RewardWeights(accuracy=1.0, format=0.1, tool_bonus=0.5)
+
+
+def test_bad_environment_value_names_the_field(monkeypatch):
+    monkeypatch.setenv("AXPO_VERIFIER_MATH_WORKERS", "0")
+    with pytest.raises(ValueError, match="math_workers"):
+        config.VerifierSettings()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    spec = config.load_job_spec(path)
+    assert spec.name
+    first_lines = path.read_text().splitlines()[:6]
+    assert any("axpo " in line for line in first_lines), "config must open with its command"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("name: x\nmodel: m\nalgorithm: {rho: 1.5}\n", "algorithm.rho: Input should be less"),
+        ("name: x\nmodel: m\nalgorithm: {name: ppo}\n", "algorithm.name: Input should be"),
+        ("name: x\nmodel: m\nstepz: 3\n", "stepz: Extra inputs are not permitted"),
+        ("model: m\n", "name: Field required"),
+        ("name: 'bad name'\nmodel: m\n", "name: String should match pattern"),
+        ("name: x\nmodel: m\nreward: {format: -1}\n", "reward.format: Input should be greater"),
+        ("- a\n- b\n", "expected a mapping at the top level, got list"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+    ids=[
+        "rho-range",
+        "unknown-algorithm",
+        "typo",
+        "missing",
+        "pattern",
+        "negative",
+        "list",
+        "yaml",
+    ],
+)
+def test_job_spec_errors_name_the_field(tmp_path, yaml_text, expected):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(config.JobSpecError) as err:
+        config.load_job_spec(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(config.JobSpecError, match="cannot read"):
+        config.load_job_spec(tmp_path / "nope.yaml")
+
+
+def test_reward_spec_gives_weights():
+    spec = config.RewardSpec(accuracy=1.0, format=0.0, tool_bonus=0.2)
+    assert spec.weights() == RewardWeights(1.0, 0.0, 0.2)
