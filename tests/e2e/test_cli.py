@@ -154,3 +154,22 @@ def test_serve_verify_through_grpc_and_stop_on_sigterm(tmp_path):
     assert server.returncode == 0, stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any("Score" in json.dumps(line) for line in lines), stderr
+
+
+def test_readme_demo_command_runs():
+    """`make demo` (the README's first command) scores every sample and stops cleanly."""
+    out = subprocess.run(
+        ["bash", "scripts/demo.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    verdicts = [
+        json.loads(line.split("-> ", 1)[1]) for line in out.stdout.splitlines() if "-> {" in line
+    ]
+    assert len(verdicts) == 5
+    assert all(v["correct"] for v in verdicts), verdicts
+    assert "stopped cleanly" in out.stdout
