@@ -210,7 +210,8 @@ def _validator(schema_json: str) -> Any:
     return jsonschema.Draft202012Validator(schema)
 
 
-def _schema_problem(arguments: dict[str, Any], schema: Mapping[str, Any]) -> str | None:
+def schema_problem(arguments: Mapping[str, Any], schema: Mapping[str, Any]) -> str | None:
+    """Why ``arguments`` break the JSON Schema ``schema`` (one line), or None if they fit."""
     validator = _validator(json.dumps(schema, sort_keys=True))
     errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
     if not errors:
@@ -261,7 +262,7 @@ def parse_tool_call(
                 call,
                 ToolError(ToolErrorKind.UNKNOWN_TOOL, f"unknown tool {name!r}; available: {known}"),
             )
-        problem = _schema_problem(arguments, schemas[name])
+        problem = schema_problem(arguments, schemas[name])
         if problem is not None:
             return ParsedToolCall(
                 raw, call, ToolError(ToolErrorKind.BAD_ARGUMENTS, f"{name}: {problem}")

@@ -8,7 +8,7 @@ AXPO=.venv/bin/axpo
 tmp=$(mktemp -d)
 $AXPO serve verifier --port 0 --port-file "$tmp/port" 2> "$tmp/server.log" &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$tmp"' EXIT
+trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$tmp"' EXIT
 for _ in $(seq 1 300); do [[ -s "$tmp/port" ]] && break; sleep 0.1; done
 [[ -s "$tmp/port" ]] || { cat "$tmp/server.log"; echo "verifier did not start" >&2; exit 1; }
 target=127.0.0.1:$(cat "$tmp/port")

@@ -23,7 +23,9 @@ def _models(root: type[BaseModel]) -> set[type[BaseModel]]:
 
 
 ALL_MODELS = sorted(
-    set().union(*(_models(m) for m in (config.VerifierSettings, config.JobSpec))),
+    set().union(
+        *(_models(m) for m in (config.VerifierSettings, config.ToolsSettings, config.JobSpec))
+    ),
     key=lambda m: m.__name__,
 )
 
