@@ -14,7 +14,7 @@ generate() {  # $1: output root (the folder that holds axpo/v1)
     --python_out="$1" --grpc_python_out="$1" \
     --plugin=protoc-gen-mypy="$BIN/protoc-gen-mypy" --mypy_out="$1" \
     --plugin=protoc-gen-mypy_grpc="$BIN/protoc-gen-mypy_grpc" --mypy_grpc_out="$1" \
-    protos/axpo/v1/*.proto
+    protos/axpo/v1/*.proto 2> >(grep -v '^Writing mypy to' >&2)
 }
 
 if [[ "${1:-}" == "--check" ]]; then
