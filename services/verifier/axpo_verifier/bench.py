@@ -76,19 +76,23 @@ def non_math_items(n: int, seed: int = 0) -> list[ScoreItem]:
 
 
 def math_items(n: int, seed: int = 0) -> list[ScoreItem]:
+    """Unique expressions (so no cache inside sympy or math-verify can serve a repeat), about
+    one in seven wrong."""
     rng = random.Random(seed)
-    pairs = [
-        ("\\frac{1}{2}", "0.5"),
-        ("(x+1)^2", "x^2+2x+1"),
-        ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"),
-        ("[0, 1)", "[0,1)"),
-        ("2\\pi", "\\pi \\cdot 2"),
-        ("\\frac{3}{4}", "0.7"),
-    ]
     items = []
     for i in range(n):
-        answer, gold = pairs[i % len(pairs)]
-        answer = answer.replace("1", str(rng.randint(1, 9))) if i % 7 == 6 else answer
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        answer, gold = [
+            (
+                f"\\frac{{{a}}}{{{a * b}}}",
+                f"{1 / b:.12g}" if b in (2, 4, 5, 8, 10) else f"\\frac{{1}}{{{b}}}",
+            ),
+            (f"(x+{a})^2", f"x^2+{2 * a}x+{a * a}"),
+            (f"\\sqrt{{{a * a}}}", str(a)),
+            (f"[{a}, {a + b})", f"[{a},{a + b})"),
+            (f"{a}\\pi", f"\\pi \\cdot {a}"),
+            (f"\\frac{{{a}}}{{{b}}}", f"{a / b + 0.5:.6f}"),  # wrong
+        ][i % 6]
         items.append(ScoreItem(_think(rng) + f"So \\boxed{{{answer}}}", gold, AnswerKind.MATH))
     return items
 
