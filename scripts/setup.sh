@@ -9,7 +9,8 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q -e . -e services/verifier -r requirements-dev.txt
+.venv/bin/python -m pip install -q -e . -e services/verifier -e services/tools \
+  -r requirements-dev.txt
 if command -v npm >/dev/null 2>&1; then
   npm install --no-audit --no-fund --silent
 else
