@@ -98,6 +98,8 @@ def configure_logging(settings: LogSettings, service: str) -> None:
     setattr(handler, _HANDLER_MARK, True)
     formatter = _JsonFormatter if settings.format == "json" else _TextFormatter
     handler.setFormatter(formatter(service))
+    # Libraries that set their own logger to DEBUG (bm25s does) still stop at our level.
+    handler.setLevel(settings.level)
     root.addHandler(handler)
     root.setLevel(settings.level)
 
