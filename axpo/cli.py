@@ -15,12 +15,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from axpo import __version__
 
 if TYPE_CHECKING:
-    from axpo.domain import Reward, RewardWeights, ScoreItem
+    from pydantic_settings import BaseSettings
+
+    from axpo.domain import Image, Reward, RewardWeights, ScoreItem, ToolResult
+
+    SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -28,6 +32,7 @@ EXIT_USAGE = 2
 
 # Service name -> (module it lives in, the distribution that provides it).
 _SERVICES = {
+    "tools": ("axpo_tools", "services/tools"),
     "verifier": ("axpo_verifier", "services/verifier"),
 }
 
@@ -52,17 +57,139 @@ def _load_service(name: str, submodule: str) -> ModuleType:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    if args.service == "verifier":
-        from axpo.config import VerifierSettings
+    from axpo import config
 
-        settings = VerifierSettings()
-        rpc = settings.rpc.model_copy(
-            update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings: config.ToolsSettings | config.VerifierSettings
+    if args.service == "tools":
+        settings = _settings_or_usage_error(config.ToolsSettings)
+    else:
+        settings = _settings_or_usage_error(config.VerifierSettings)
+    rpc = settings.rpc.model_copy(
+        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    )
+    settings = settings.model_copy(update={"rpc": rpc})
+    _load_service(args.service, "server").serve(settings, port_file=args.port_file)
+    return EXIT_OK
+
+
+def _settings_or_usage_error(cls: type[SettingsT]) -> SettingsT:
+    from pydantic import ValidationError
+
+    from axpo.config import format_validation_error
+
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
+        raise UsageError(
+            f"invalid settings (environment {prefix}*):\n{format_validation_error(exc)}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- tool
+
+
+def _cmd_tool(args: argparse.Namespace) -> int:
+    from axpo.config import ToolsSettings
+
+    settings = _settings_or_usage_error(ToolsSettings)
+    if args.server:
+        result_json = _tool_remote(args)
+    else:
+        toolbox_mod = _load_service("tools", "toolbox")
+        toolbox = toolbox_mod.Toolbox(settings)
+        try:
+            if args.tool_command == "list":
+                print(json.dumps(toolbox.openai_specs(), indent=2, ensure_ascii=False))
+                return EXIT_OK
+            from axpo.domain import ToolCall
+
+            images = _read_images(args.image)
+            _check_arguments_json(args.arguments)
+            result = toolbox.call(ToolCall("call_0", args.name, args.arguments), images)
+            result_json = _tool_result_json(result, args.save_images)
+        finally:
+            toolbox.close()
+    print(json.dumps(result_json, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _check_arguments_json(raw: str) -> None:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--arguments must be a JSON object: {exc}") from exc
+    if not isinstance(value, dict):
+        raise UsageError('--arguments must be a JSON object, e.g. \'{"query": "..."}\'')
+
+
+def _read_images(paths: Sequence[Path]) -> list[Image]:
+    import mimetypes
+
+    from axpo.domain import Image
+
+    images = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--image {path}: {exc.strerror}") from exc
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        images.append(Image.from_bytes(data, mime))
+    return images
+
+
+def _tool_result_json(result: ToolResult, save_dir: Path | None) -> dict[str, object]:
+    saved = []
+    if save_dir is not None and result.images:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(result.images):
+            ext = "jpg" if image.mime_type == "image/jpeg" else "png"
+            path = save_dir / f"result_{i}.{ext}"
+            path.write_bytes(image.data)
+            saved.append(str(path))
+    return {
+        "ok": result.error is None,
+        "text": result.text,
+        "images": len(result.images),
+        "image_files": saved,
+        "error": None
+        if result.error is None
+        else {"kind": result.error.kind.value, "message": result.error.message},
+        "latency_ms": round(result.latency_ms, 2),
+    }
+
+
+def _tool_remote(args: argparse.Namespace) -> dict[str, object]:
+    from axpo import convert
+    from axpo.config import RpcClientSettings
+    from axpo.domain import ToolCall
+    from axpo.rpc.client import open_channel
+    from axpo.v1 import tools_pb2, tools_pb2_grpc
+
+    with open_channel(RpcClientSettings(target=args.server)) as channel:
+        stub = tools_pb2_grpc.ToolServiceStub(channel)
+        if args.tool_command == "list":
+            specs = stub.ListTools(tools_pb2.ListToolsRequest()).tools
+            return {
+                "tools": [
+                    {
+                        "name": s.name,
+                        "description": s.description,
+                        "parameters": json.loads(s.parameters_json_schema),
+                    }
+                    for s in specs
+                ]
+            }
+        _check_arguments_json(args.arguments)
+        images = _read_images(args.image)
+        response = stub.Call(
+            tools_pb2.CallRequest(
+                call=convert.tool_call_to_proto(ToolCall("call_0", args.name, args.arguments)),
+                images=[convert.image_to_proto(i) for i in images],
+            )
         )
-        settings = settings.model_copy(update={"rpc": rpc})
-        _load_service("verifier", "server").serve(settings, port_file=args.port_file)
-        return EXIT_OK
-    raise UsageError(f"unknown service {args.service!r}")  # argparse choices prevent this
+    return _tool_result_json(convert.tool_result_from_proto(response.result), args.save_images)
 
 
 # --------------------------------------------------------------------------- verify
@@ -156,15 +283,16 @@ def _verify_remote(target: str, item: ScoreItem, weights: RewardWeights) -> Rewa
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    bench = _load_service(args.target, "bench")
     if args.target == "verifier":
-        bench = _load_service("verifier", "bench")
         result = bench.run(items=args.items, math_items_n=args.math_items, rounds=args.rounds)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            bench.print_table(result)
-        return EXIT_OK
-    raise UsageError(f"unknown benchmark {args.target!r}")
+    else:
+        result = bench.run(calls=args.calls)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        bench.print_table(result)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- job
@@ -179,6 +307,30 @@ def _cmd_job_check(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _cmd_model_tiny(args: argparse.Namespace) -> int:
+    try:
+        from axpo import tiny_model
+
+        out = tiny_model.build_tiny_model(
+            args.out, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings
+        )
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] in {
+            "torch",
+            "transformers",
+            "tokenizers",
+        }:
+            raise UsageError(
+                f"{exc.name} is not installed: pip install -r requirements-inference.txt"
+            ) from exc
+        raise
+    print(json.dumps({"out": str(out), "parameters": tiny_model.count_parameters(out)}))
     return EXIT_OK
 
 
@@ -219,18 +371,60 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_cmd_verify)
 
     bench = sub.add_parser("bench", help="measure a component's throughput")
-    bench.add_argument("target", choices=["verifier"])
+    bench.add_argument("target", choices=["tools", "verifier"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--items", type=int, default=20_000, help="non-math items per round")
     bench.add_argument("--math-items", type=int, default=200, help="math items per round")
     bench.add_argument("--rounds", type=int, default=3, help="rounds (the best is reported)")
+    bench.add_argument("--calls", type=int, default=50, help="calls per tool figure (tools)")
     bench.set_defaults(handler=_cmd_bench)
+
+    tool = sub.add_parser("tool", help="list the tools or call one (in-process or --server)")
+    tool_sub = tool.add_subparsers(dest="tool_command", required=True, metavar="ACTION")
+    tool_list = tool_sub.add_parser("list", help="print the tools' JSON Schemas")
+    tool_list.add_argument("--server", metavar="HOST:PORT", help="ask a running tool server")
+    tool_list.set_defaults(handler=_cmd_tool)
+    call = tool_sub.add_parser(
+        "call",
+        help="run one tool call and print a JSON result",
+        description="Prints one JSON object: ok, text, images (count), error (null or "
+        "{kind, message}), latency_ms. Exit 0 whenever the tool answered, 2 on bad arguments.",
+    )
+    call.add_argument("name", help="tool name (image_zoom_in_tool, python, search)")
+    call.add_argument("--arguments", required=True, help="the arguments as a JSON object")
+    call.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        default=[],
+        help="an image of the trajectory (repeat, in order: img_idx 0, 1, ...)",
+    )
+    call.add_argument("--save-images", type=Path, help="write returned images to this folder")
+    call.add_argument("--server", metavar="HOST:PORT", help="call a running tool server")
+    call.set_defaults(handler=_cmd_tool)
 
     job = sub.add_parser("job", help="work with job specs")
     job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     check = job_sub.add_parser("check", help="validate a YAML job spec and print it resolved")
     check.add_argument("file", type=Path)
     check.set_defaults(handler=_cmd_job_check)
+
+    model = sub.add_parser("model", help="build model checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    tiny = model_sub.add_parser(
+        "tiny",
+        help="build a tiny random-init Qwen3-VL checkpoint (offline, seconds) for tests/demos",
+        description="Writes config, weights, tokenizer, chat template and processor configs to "
+        "--out and prints one JSON object: out, parameters. The same seed gives identical files.",
+    )
+    tiny.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight-init seed (default 0)")
+    tiny.add_argument(
+        "--tie-word-embeddings",
+        action="store_true",
+        help="share the input embedding with the output layer (as small real Qwen models do)",
+    )
+    tiny.set_defaults(handler=_cmd_model_tiny)
     return parser
 
 
