@@ -57,7 +57,8 @@ def test_tool_call_zoom_saves_the_crop(image_file, tmp_path):
     assert result["error"] is None
     assert result["images"] == 1
     crop = PILImage.open(result["image_files"][0]).convert("RGB")
-    assert crop.getpixel((crop.width // 2, crop.height // 2)) == (10, 10, 200)
+    pixel = crop.getpixel((crop.width // 2, crop.height // 2))
+    assert all(abs(a - b) <= 12 for a, b in zip(pixel, (10, 10, 200), strict=True))  # JPEG
     assert result["latency_ms"] > 0
 
 

@@ -72,7 +72,8 @@ def test_zoom_returns_an_image(stub):
     ).result
     assert not result.HasField("error")
     crop = PILImage.open(io.BytesIO(result.images[0].data)).convert("RGB")
-    assert crop.getpixel((crop.width // 2, crop.height // 2)) == (0, 160, 0)
+    pixel = crop.getpixel((crop.width // 2, crop.height // 2))
+    assert all(abs(a - b) <= 12 for a, b in zip(pixel, (0, 160, 0), strict=True))  # JPEG
     assert result.latency_ms > 0
 
 

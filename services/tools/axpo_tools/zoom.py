@@ -241,7 +241,7 @@ class ZoomTool:
             crop.save(buf, "PNG", compress_level=1)
             mime = "image/png"
         else:
-            crop.save(buf, "JPEG", quality=90)
+            crop.save(buf, "JPEG", quality=self.settings.jpeg_quality)
             mime = "image/jpeg"
         what = f" {label!r}" if label else ""
         text = (
