@@ -128,6 +128,7 @@ class Host:
             "secret_file": str(self.secret_file),
             "marker": self.marker,
             "site": SITE_PACKAGES,
+            "repo": str(Path(__file__).resolve().parents[2]),
         }
 
 
@@ -351,13 +352,15 @@ def test_missing_isolation_refuses_or_runs_loudly_unsandboxed(
 
 def test_files_of_one_request_are_invisible_to_the_next(sandbox: PythonSandbox) -> None:
     first = sandbox.run(
-        f"open('left.txt', 'w').write('{SECRET}')\nopen('/tmp/left2.txt', 'w').write('x')\n"
-        "import os; print(os.listdir('.'))"
+        f"open('left.txt', 'w').write('{SECRET}')\nimport os, tempfile\n"
+        "open(os.path.join(tempfile.gettempdir(), 'left2.txt'), 'w').write('x')\n"
+        "print(os.listdir('.'))"
     )
     assert "left.txt" in first.stdout
     for _ in range(4):  # lands on every worker and uid
         second = sandbox.run(
-            "import os\nprint(sorted(os.listdir('.')), os.listdir('/tmp'), os.listdir('out'))"
+            "import os, tempfile\n"
+            "print(sorted(os.listdir('.')), os.listdir(tempfile.gettempdir()), os.listdir('out'))"
         )
         assert second.stdout == "['out', 'tmp'] [] []\n", second
     assert_healthy(sandbox)
@@ -535,10 +538,13 @@ ATTACKS = [
     ),
     Attack(
         "read the repository",
-        TRY + "import os\nprint('work', os.listdir('/work'), os.listdir('/work/main'))\n"
-        "attempt('repo', lambda: open('/work/main/pyproject.toml').read())\n"
-        "attempt('src', lambda: open('/work/main/axpo/domain.py').read())\n",
-        _printed("work ['main'] ['.venv']", "repo blocked", "src blocked"),
+        # Wherever the checkout lives, only the venv's Python pieces may show through.
+        TRY + "import os\n"
+        "print('visible', sorted(set(os.listdir('$repo')) - {'.venv'}) if "
+        "os.path.isdir('$repo') else [])\n"
+        "attempt('repo', lambda: open('$repo/pyproject.toml').read())\n"
+        "attempt('src', lambda: open('$repo/axpo/domain.py').read())\n",
+        _printed("visible []", "repo blocked", "src blocked"),
     ),
     Attack(
         "the host's /proc/1/environ and process list",
@@ -556,10 +562,12 @@ ATTACKS = [
     ),
     Attack(
         "write to the host's /tmp",
-        # /tmp is the sandbox's own (a part of its tmpfs): the write works, inside only.
-        "open('$marker', 'w').write('escaped')\nopen('/var/tmp/x', 'w').write('x')\n"
-        "import os; print('exists inside', os.path.exists('$marker'), os.listdir('tmp'))\n",
-        _marker_absent("exists inside True"),
+        # /tmp is the sandbox's own (part of its tmpfs) and the write works inside only; when
+        # the Python install itself lives under /tmp, /tmp is a read-only view and it fails.
+        "import os\ntry:\n    open('$marker', 'w').write('escaped')\n"
+        "    print('inside only', os.path.exists('$marker'))\n"
+        "except OSError as exc:\n    print('refused', exc.errno)\n",
+        _marker_absent(),
     ),
     Attack(
         "write to site-packages and /etc",

@@ -194,8 +194,11 @@ class _RootBuilder:
         for path, mode in (("/proc", 0o555), (wire.SANDBOX_DIR, 0o755), ("/var", 0o755)):
             os.makedirs(self._at(path), exist_ok=True)
             os.chmod(self._at(path), mode)
-        self.symlink("/tmp", wire.SANDBOX_DIR + "/tmp")
-        self.symlink("/var/tmp", wire.SANDBOX_DIR + "/tmp")
+        for tmp in ("/tmp", "/var/tmp"):
+            # A Python install under /tmp (a CI checkout there) keeps its read-only bind
+            # mounts; /tmp is then a read-only folder and TMPDIR still points into /sandbox.
+            if not os.path.lexists(self._at(tmp)):
+                self.symlink(tmp, wire.SANDBOX_DIR + "/tmp")
 
     def _python(self) -> None:
         import site
@@ -270,8 +273,17 @@ class _RootBuilder:
 
 
 def _staging_dir() -> str:
-    for candidate in ("/tmp", "/mnt", "/var/tmp", "/media", "/srv"):
-        if os.path.isdir(candidate) and not os.path.islink(candidate):
+    """An existing folder to mount the root's tmpfs on. It must not hold the Python install:
+    the tmpfs would hide it from the bind mounts (a checkout under /tmp did exactly that)."""
+    import site
+
+    python = [sys.prefix, sys.base_prefix, *site.getsitepackages()]
+    for candidate in ("/tmp", "/mnt", "/var/tmp", "/media", "/srv", "/opt"):
+        if (
+            os.path.isdir(candidate)
+            and not os.path.islink(candidate)
+            and not any(p == candidate or p.startswith(candidate + "/") for p in python)
+        ):
             return candidate
     raise OSError(errno.ENOENT, "no directory to build the sandbox root on")
 
