@@ -187,6 +187,11 @@ class Reward:
     reason: str
     timed_out: bool = False
 
+    @classmethod
+    def zero(cls, reason: str, checker: str = "") -> Reward:
+        """No reward: the output could not be scored at all (``reason`` says why)."""
+        return cls(0.0, False, 0.0, 0.0, 0.0, None, checker, reason)
+
 
 # --------------------------------------------------------------------------- trajectories
 

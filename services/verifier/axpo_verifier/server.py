@@ -40,16 +40,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 items.append(convert.score_item_from_proto(msg))
                 positions.append(i)
             except ValueError as exc:
-                rewards[i] = Reward(
-                    total=0.0,
-                    correct=False,
-                    accuracy=0.0,
-                    format=0.0,
-                    tool_bonus=0.0,
-                    extracted=None,
-                    checker="",
-                    reason=f"bad item: {exc}",
-                )
+                rewards[i] = Reward.zero(f"bad item: {exc}")
         for i, reward in zip(positions, self._verifier.score(items, weights), strict=True):
             rewards[i] = reward
         return verifier_pb2.ScoreResponse(

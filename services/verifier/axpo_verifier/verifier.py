@@ -66,16 +66,8 @@ def _error_reward(item: ScoreItem, exc: BaseException) -> Reward:
     message = str(exc)
     if len(message) > 200:
         message = message[:199] + "…"
-    return Reward(
-        total=0.0,
-        correct=False,
-        accuracy=0.0,
-        format=0.0,
-        tool_bonus=0.0,
-        extracted=None,
-        checker=_kind_name(item),
-        reason=f"checker error: {name}: {message}" if message else f"checker error: {name}",
-    )
+    reason = f"checker error: {name}: {message}" if message else f"checker error: {name}"
+    return Reward.zero(reason, checker=_kind_name(item))
 
 
 def _kind_name(item: ScoreItem) -> str:
@@ -148,15 +140,9 @@ class Verifier:
         kind = AnswerKind(item.kind)
         limit = self.settings.max_output_chars
         if len(item.output) > limit:
-            return Reward(
-                total=0.0,
-                correct=False,
-                accuracy=0.0,
-                format=0.0,
-                tool_bonus=0.0,
-                extracted=None,
+            return Reward.zero(
+                f"output has {len(item.output)} chars, over the limit of {limit}; not read",
                 checker=kind.value,
-                reason=f"output has {len(item.output)} chars, over the limit of {limit}; not read",
             )
         fmt, fmt_reason = format_score(item.output)
         extraction = extract_answer(item.output)
