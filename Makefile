@@ -14,7 +14,7 @@ protos:         ## regenerate axpo/v1 from protos/
 	bash scripts/gen_protos.sh
 
 bench:          ## benchmarks (JSON)
-	bash scripts/setup.sh && .venv/bin/axpo bench verifier --json
+	bash scripts/setup.sh && for b in verifier tools inference; do .venv/bin/axpo bench $$b --json; done
 
 clean:
 	rm -rf .venv node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -32,6 +32,7 @@ EXIT_USAGE = 2
 
 # Service name -> (module it lives in, the distribution that provides it).
 _SERVICES = {
+    "inference": ("axpo_inference", "services/inference"),
     "tools": ("axpo_tools", "services/tools"),
     "verifier": ("axpo_verifier", "services/verifier"),
 }
@@ -59,9 +60,19 @@ def _load_service(name: str, submodule: str) -> ModuleType:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from axpo import config
 
-    settings: config.ToolsSettings | config.VerifierSettings
+    settings: config.ToolsSettings | config.VerifierSettings | config.InferenceSettings
+    if args.model is not None and args.service != "inference":
+        raise UsageError("--model applies to the inference service only")
     if args.service == "tools":
         settings = _settings_or_usage_error(config.ToolsSettings)
+    elif args.service == "inference":
+        settings = _settings_or_usage_error(config.InferenceSettings)
+        if args.model is not None:
+            settings = settings.model_copy(update={"model": str(args.model)})
+        if not settings.model:
+            raise UsageError("serve inference: give --model DIR (or AXPO_INFERENCE_MODEL)")
+        if not Path(settings.model).is_dir():
+            raise UsageError(f"--model {settings.model}: not a directory")
     else:
         settings = _settings_or_usage_error(config.VerifierSettings)
     rpc = settings.rpc.model_copy(
@@ -286,6 +297,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     bench = _load_service(args.target, "bench")
     if args.target == "verifier":
         result = bench.run(items=args.items, math_items_n=args.math_items, rounds=args.rounds)
+    elif args.target == "inference":
+        result = bench.run(rounds=args.rounds)
     else:
         result = bench.run(calls=args.calls)
     if args.json:
@@ -350,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default from settings/env)")
     serve.add_argument("--port", type=int, help="port; 0 picks a free one")
     serve.add_argument("--port-file", type=Path, help="write the bound port to this file")
+    serve.add_argument(
+        "--model", type=Path, help="inference: checkpoint directory (overrides settings/env)"
+    )
     serve.set_defaults(handler=_cmd_serve)
 
     verify = sub.add_parser(
@@ -371,11 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_cmd_verify)
 
     bench = sub.add_parser("bench", help="measure a component's throughput")
-    bench.add_argument("target", choices=["tools", "verifier"])
+    bench.add_argument("target", choices=["inference", "tools", "verifier"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--items", type=int, default=20_000, help="non-math items per round")
     bench.add_argument("--math-items", type=int, default=200, help="math items per round")
-    bench.add_argument("--rounds", type=int, default=3, help="rounds (the best is reported)")
+    bench.add_argument(
+        "--rounds", type=int, default=3, help="rounds (the best is reported; verifier, inference)"
+    )
     bench.add_argument("--calls", type=int, default=50, help="calls per tool figure (tools)")
     bench.set_defaults(handler=_cmd_bench)
 

@@ -78,7 +78,7 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> d.SamplingParams:
     return d.SamplingParams(
         n=msg.n,
         temperature=msg.temperature,
-        top_p=msg.top_p if msg.top_p > 0 else 1.0,
+        top_p=msg.top_p if msg.top_p != 0 else 1.0,  # unset means off; negatives are refused later
         top_k=msg.top_k,
         max_tokens=msg.max_tokens,
         stop_token_ids=tuple(msg.stop_token_ids),
