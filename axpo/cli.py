@@ -294,6 +294,17 @@ def _verify_remote(target: str, item: ScoreItem, weights: RewardWeights) -> Rewa
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "queue":
+        from axpo import queue_bench
+
+        result = queue_bench.run(
+            groups=args.groups, learner_step_s=args.learner_step_s, redis_url=args.redis_url
+        )
+        if args.json:
+            print(json.dumps(result))
+        else:
+            queue_bench.print_table(result)
+        return EXIT_OK
     bench = _load_service(args.target, "bench")
     if args.target == "verifier":
         result = bench.run(items=args.items, math_items_n=args.math_items, rounds=args.rounds)
@@ -387,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_cmd_verify)
 
     bench = sub.add_parser("bench", help="measure a component's throughput")
-    bench.add_argument("target", choices=["inference", "tools", "verifier"])
+    bench.add_argument("target", choices=["inference", "queue", "tools", "verifier"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--items", type=int, default=20_000, help="non-math items per round")
     bench.add_argument("--math-items", type=int, default=200, help="math items per round")
@@ -395,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=int, default=3, help="rounds (the best is reported; verifier, inference)"
     )
     bench.add_argument("--calls", type=int, default=50, help="calls per tool figure (tools)")
+    bench.add_argument("--groups", type=int, default=200, help="groups through Redis (queue)")
+    bench.add_argument(
+        "--learner-step-s",
+        type=float,
+        default=2.0,
+        help="assumed learner step time for the headroom figure (queue)",
+    )
+    bench.add_argument("--redis-url", help="an existing Redis (queue; default: a private one)")
     bench.set_defaults(handler=_cmd_bench)
 
     tool = sub.add_parser("tool", help="list the tools or call one (in-process or --server)")

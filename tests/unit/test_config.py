@@ -31,6 +31,7 @@ ALL_MODELS = sorted(
                 config.ToolsSettings,
                 config.InferenceSettings,
                 config.JobSpec,
+                config.QueueSettings,
             )
         )
     ),
