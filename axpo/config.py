@@ -318,6 +318,9 @@ class QueueSettings(BaseModel):
     claim_idle_ms: Annotated[int, Field(ge=1)] = 60_000
     """An entry delivered but not acknowledged for this long belongs to a dead consumer and
     may be reclaimed (XAUTOCLAIM) by another. Must exceed the learner's checkpoint interval."""
+    max_deliveries: Annotated[int, Field(ge=1)] = 5
+    """A group reclaimed after this many deliveries without an ack is a poison message (it
+    kills every consumer that takes it): it goes to the dead-letter stream instead."""
     max_backlog: Annotated[int, Field(ge=0)] = 64
     """Backpressure: producers wait while this many groups are unacknowledged (queued plus
     taken but not yet checkpointed); 0 disables the bound."""
@@ -332,6 +335,82 @@ class QueueSettings(BaseModel):
     the queue. Keep it far above the longest time a group may wait."""
     dead_letter_maxlen: Annotated[int, Field(ge=1)] = 10_000
     """Entries kept in the dead-letter stream (older ones are trimmed, approximately)."""
+
+
+# --------------------------------------------------------------------------- learner
+
+
+class LearnerSettings(BaseSettings):
+    """The learner (``axpo serve learner``): consumes groups, trains, publishes weights."""
+
+    model_config = _settings("AXPO_LEARNER_")
+
+    rpc: RpcServerSettings = RpcServerSettings(port=50054)
+    """Where the LearnerService (status) listens."""
+    log: LogSettings = LogSettings()
+    """Logging."""
+    model: str = ""
+    """Checkpoint directory or hub name of the initial policy (the serving replicas' model)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter and compute dtype (optimizer states follow the parameters)."""
+    lr: Annotated[float, Field(gt=0)] = 1e-6
+    """AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    """AdamW epsilon."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Linear learning-rate warmup over this many optimizer steps (then constant)."""
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+    micro_batch_tokens: Annotated[int, Field(ge=1)] = 8192
+    """Token budget of one micro-batch (padded tokens count); a longer sequence gets a
+    micro-batch of its own. Gradients accumulate over the micro-batches of a step."""
+    clip_low: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    """Lower clip range: the ratio is clipped at ``1 - clip_low``."""
+    clip_high: Annotated[float, Field(ge=0)] = 0.2
+    """Upper clip range: the ratio is clipped at ``1 + clip_high`` (DAPO clip-higher: 0.28)."""
+    loss_aggregation: Literal["token", "sequence", "dr_grpo"] = "token"
+    """``token``: mean over all loss tokens of the step (DAPO); ``sequence``: mean of
+    per-sequence means (GRPO); ``dr_grpo``: sum over a constant ``n_seq * dr_grpo_length``."""
+    dr_grpo_length: Annotated[int, Field(ge=1)] | None = None
+    """``dr_grpo`` constant length (the generation budget); unset: the longest sequence."""
+    scale_advantages_by_std: bool = True
+    """Divide group-centred rewards by their std (GRPO); off for Dr.GRPO."""
+    advantage_std_floor: Annotated[float, Field(gt=0)] = 1e-6
+    """Smallest std advantages are divided by."""
+    kl_coef: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the k3 KL to the initial (reference) policy; 0 turns it off (no reference
+    model is kept)."""
+    behavior_logprobs: Literal["rollout", "learner"] = "rollout"
+    """Old logprobs of the ratio: ``rollout`` (the inference engine's, a true importance ratio
+    under policy lag) or ``learner`` (recomputed before the update: ratio 1 on the first pass)."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Sampling temperature of the rollouts; learner logits are divided by it so logprobs
+    compare with the engine's processed logprobs."""
+    checkpoint_dir: str = ""
+    """Directory of the learner's checkpoints (``step-<n>`` subdirectories); empty: none."""
+    checkpoint_every: Annotated[int, Field(ge=1)] = 10
+    """Checkpoint every this many optimizer steps."""
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+    publish_every: Annotated[int, Field(ge=1)] = 1
+    """Publish new weights to the inference replicas every this many optimizer steps."""
+    publish_transport: Literal["path", "stream"] = "path"
+    """``path``: safetensors in ``publish_dir`` plus LoadWeights; ``stream``: LoadWeightsStream
+    chunks over gRPC (replicas without a shared volume)."""
+    publish_dir: str = ""
+    """Shared directory (tmpfs or shared volume) the ``path`` transport writes to."""
+    publish_chunk_bytes: Annotated[int, Field(ge=1024)] = 4 << 20
+    """Largest tensor chunk the ``stream`` transport sends."""
+    inference_targets: list[RpcClientSettings] = []
+    """Inference replicas new weights go to (each confirms the version)."""
+    max_policy_lag: Annotated[int, Field(ge=0)] = 4
+    """Groups older than the current policy by more than this many versions are dropped."""
+    seed: int = 0
+    """Seed of torch, Python and NumPy random streams of the learner."""
 
 
 # --------------------------------------------------------------------------- job spec

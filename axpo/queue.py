@@ -389,13 +389,35 @@ class TrajectoryQueue:
     ) -> list[Delivery]:
         """Take over groups delivered to other consumers and unacknowledged for
         ``min_idle_ms`` (default ``claim_idle_ms``): those consumers are presumed dead."""
-        entries = self._autoclaim(
-            self.groups_key, self.settings.groups_consumer_group, consumer, min_idle_ms, count
-        )
+        group = self.settings.groups_consumer_group
+        entries = self._autoclaim(self.groups_key, group, consumer, min_idle_ms, count)
         if entries:
             self.client.hincrby(self.stats_key, "reclaimed", len(entries))
             log_event(_log, 20, "reclaimed", job=self.job_id, consumer=consumer, n=len(entries))
-        return self._deliver_groups(consumer, entries, current_version)
+        kept = []
+        for entry_id, fields in entries:
+            delivered = self._times_delivered(self.groups_key, group, entry_id)
+            if delivered > self.settings.max_deliveries:
+                reason = (
+                    f"delivered {delivered} times without an ack (max_deliveries "
+                    f"{self.settings.max_deliveries}): poison message"
+                )
+                self._release(
+                    self.groups_key,
+                    group,
+                    [entry_id],
+                    "dead_lettered",
+                    reason=reason,
+                    consumer=consumer,
+                )
+                log_event(_log, 30, "dead letter", job=self.job_id, entry=entry_id, reason=reason)
+            else:
+                kept.append((entry_id, fields))
+        return self._deliver_groups(consumer, kept, current_version)
+
+    def _times_delivered(self, key: str, group: str, entry_id: str) -> int:
+        rows = _any(self.client.xpending_range(key, group, min=entry_id, max=entry_id, count=1))
+        return int(rows[0]["times_delivered"]) if rows else 0
 
     def ack_groups(self, entry_ids: Iterable[str]) -> int:
         """Acknowledge groups whose effect is durable (for the learner: the checkpoint that

@@ -113,6 +113,22 @@ def test_entries_of_an_idle_consumer_are_reclaimed(redis_client):
     assert q.ack_groups(ids[:2]) == 0  # the dead consumer's late ack is harmless
 
 
+def test_a_poison_group_is_dead_lettered_after_max_deliveries(redis_client):
+    q = _queue(redis_client, max_deliveries=3)
+    poison, fine = q.put_group(make_group("poison")), q.put_group(make_group("fine"))
+    assert [d.entry_id for d in q.take_groups("c0", count=1)] == [poison]  # delivery 1
+    for i in range(1, 3):  # each consumer "dies" holding it: deliveries 2 and 3
+        time.sleep(0.02)
+        assert [d.entry_id for d in q.reclaim(f"c{i}", min_idle_ms=10)] == [poison]
+    time.sleep(0.02)
+    assert q.reclaim("c3", min_idle_ms=10) == []  # delivery 4 > 3: dead-lettered instead
+    (letter,) = q.dead_letters()
+    assert letter["entry_id"].decode() == poison
+    assert b"poison message" in letter["reason"]
+    assert q.counters().dead_lettered == 1
+    assert [d.entry_id for d in q.take_groups("c3", count=5)] == [fine]  # the stream flows
+
+
 def test_bad_entries_go_to_the_dead_letter_stream_with_a_reason(redis_client):
     q = _queue(redis_client)
     image = make_image(3)
