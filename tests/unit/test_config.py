@@ -32,6 +32,7 @@ ALL_MODELS = sorted(
                 config.InferenceSettings,
                 config.JobSpec,
                 config.QueueSettings,
+                config.LearnerSettings,
             )
         )
     ),

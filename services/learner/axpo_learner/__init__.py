@@ -1,0 +1,1 @@
+"""The axpo learner: batches from groups, the policy update, checkpoints, weight publication."""

@@ -1,0 +1,177 @@
+"""The policy update: learner logprobs of the sampled tokens, the clipped loss, AdamW.
+
+One :meth:`Trainer.train_step` is one optimizer step over a list of groups: advantages and
+masks from :mod:`axpo.algorithm`, micro-batches by token budget with gradient accumulation
+(the loss denominators are the whole step's, so the result does not depend on the budget),
+global gradient-norm clipping, AdamW. Every forward runs before the optimizer step, so the
+learner's logprobs are those of the pre-update policy; their mismatch with the rollout's
+logprobs is logged (``logprob_mismatch_mean``/``_max``: how stale weights show up).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from axpo import algorithm
+from axpo.config import AlgorithmSpec, LearnerSettings
+from axpo.domain import Group
+from axpo_learner.batch import MicroBatch, micro_batches, rows_from_groups
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch here
+        return
+    np.random.seed(seed % 2**32)
+
+
+def load_policy(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """The model (train mode) and its processor from a checkpoint directory or hub name."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=_DTYPES[dtype])
+    model.train()
+    processor = AutoProcessor.from_pretrained(str(path))  # type: ignore[no-untyped-call]
+    return model, processor
+
+
+def token_logprobs(
+    model: Any, batch: MicroBatch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs and entropies ``[rows, time-1]`` of tokens ``1..`` under ``model`` (position t
+    predicted from the logits at t-1), logits divided by ``temperature``."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    targets = batch.input_ids[:, 1:]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+class Trainer:
+    """Holds the policy, optimizer and scheduler; ``step`` counts optimizer steps and
+    ``policy_version`` the weights published (it equals ``step`` unless set otherwise)."""
+
+    def __init__(self, settings: LearnerSettings, spec: AlgorithmSpec | None = None) -> None:
+        if not settings.model:
+            raise ValueError("model: no checkpoint given")
+        self.settings = settings
+        self.spec = spec or AlgorithmSpec()
+        seed_everything(settings.seed)
+        self.model, self.processor = load_policy(settings.model, settings.dtype)
+        self.reference = None
+        if settings.kl_coef > 0:
+            self.reference = copy.deepcopy(self.model).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=settings.lr,
+            betas=settings.betas,
+            eps=settings.eps,
+            weight_decay=settings.weight_decay,
+        )
+        warmup = settings.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.step = 0
+        self.policy_version = 0
+
+    def train_step(self, groups: Sequence[Group]) -> dict[str, float]:
+        """One optimizer step on ``groups``; returns the step's metrics."""
+        s = self.settings
+        started = time.perf_counter()
+        rows = rows_from_groups(
+            groups,
+            self.spec,
+            scale_by_std=s.scale_advantages_by_std,
+            std_floor=s.advantage_std_floor,
+        )
+        batches = micro_batches(rows, s.micro_batch_tokens, self.pad_id)
+        # Token t is predicted at t-1: the loss covers positions 1.. of every row.
+        masks = [list(r.loss_mask[1:]) for r in rows]
+        norm = s.dr_grpo_length
+        denom = algorithm.loss_denominator(s.loss_aggregation, masks, norm_length=norm)
+        if s.loss_aggregation == "dr_grpo" and norm is None:
+            # The longest row of the step, in shifted positions, for every micro-batch.
+            norm = max(len(m) for m in masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts: list[dict[str, float]] = []
+        weights: list[float] = []
+        for mb in batches:
+            logp, entropy = token_logprobs(self.model, mb, s.temperature)
+            mask = mb.loss_mask[:, 1:]
+            rollout = mb.rollout_logprobs[:, 1:]
+            old = rollout if s.behavior_logprobs == "rollout" else logp.detach()
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = token_logprobs(self.reference, mb, s.temperature)
+            out = algorithm.policy_loss(
+                logp,
+                old,
+                mb.advantages[:, 1:],
+                mask,
+                clip_low=s.clip_low,
+                clip_high=s.clip_high,
+                aggregation=s.loss_aggregation,
+                denominator=max(denom, 1.0),
+                norm_length=norm,
+                ref_logprobs=ref,
+                kl_coef=s.kl_coef,
+                entropies=entropy,
+                rollout_logprobs=rollout,
+            )
+            out.loss.backward()  # type: ignore[no-untyped-call]
+            parts.append(out.metrics)
+            weights.append(out.metrics["tokens"])
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        metrics = algorithm.mean_metrics(parts, weights)
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=float(self.scheduler.get_last_lr()[0]),
+            groups=float(len(groups)),
+            sequences=float(len(rows)),
+            micro_batches=float(len(batches)),
+            padded_tokens=float(sum(mb.padded_tokens for mb in batches)),
+            step_s=time.perf_counter() - started,
+        )
+        log.info(
+            "step %d: loss %.4g, mismatch %.3g, clip %.3g",
+            self.step,
+            metrics.get("loss", 0.0),
+            metrics.get("logprob_mismatch_mean", 0.0),
+            metrics.get("clip_fraction", 0.0),
+        )
+        return metrics
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
