@@ -6,6 +6,7 @@ masks from :mod:`axpo.algorithm`, micro-batches by token budget with gradient ac
 global gradient-norm clipping, AdamW. Every forward runs before the optimizer step, so the
 learner's logprobs are those of the pre-update policy; their mismatch with the rollout's
 logprobs is logged (``logprob_mismatch_mean``/``_max``: how stale weights show up).
+Trajectories with images are expanded and carry their pixels (:mod:`axpo_learner.batch`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from axpo import algorithm
 from axpo.config import AlgorithmSpec, LearnerSettings
 from axpo.domain import Group
-from axpo_learner.batch import MicroBatch, micro_batches, rows_from_groups
+from axpo_learner.batch import ImageEncoder, MicroBatch, micro_batches, rows_from_groups
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ def token_logprobs(
     model: Any, batch: MicroBatch, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logprobs and entropies ``[rows, time-1]`` of tokens ``1..`` under ``model`` (position t
-    predicted from the logits at t-1), logits divided by ``temperature``."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    predicted from the logits at t-1), logits divided by ``temperature``. Images go in as
+    ``pixel_values``/``image_grid_thw``; the model computes its M-RoPE positions itself."""
+    out = model(**batch.model_inputs(), use_cache=False)
     logits = out.logits[:, :-1].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     targets = batch.input_ids[:, 1:]
@@ -95,6 +97,7 @@ class Trainer:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
+        self.image_encoder = ImageEncoder.from_processor(self.processor)
         self.step = 0
         self.policy_version = 0
 
@@ -107,8 +110,11 @@ class Trainer:
             self.spec,
             scale_by_std=s.scale_advantages_by_std,
             std_floor=s.advantage_std_floor,
+            images=self.image_encoder,
         )
-        batches = micro_batches(rows, s.micro_batch_tokens, self.pad_id)
+        enc = self.image_encoder
+        image_token = enc.image_token_id if enc is not None else None
+        batches = micro_batches(rows, s.micro_batch_tokens, self.pad_id, image_token)
         # Token t is predicted at t-1: the loss covers positions 1.. of every row.
         masks = [list(r.loss_mask[1:]) for r in rows]
         norm = s.dr_grpo_length
@@ -156,6 +162,7 @@ class Trainer:
             lr=float(self.scheduler.get_last_lr()[0]),
             groups=float(len(groups)),
             sequences=float(len(rows)),
+            images=float(sum(len(r.image_grid_thw) for r in rows if r.image_grid_thw is not None)),
             micro_batches=float(len(batches)),
             padded_tokens=float(sum(mb.padded_tokens for mb in batches)),
             step_s=time.perf_counter() - started,

@@ -1,4 +1,4 @@
-"""axpo_learner.batch: rows, packing by token budget, padding."""
+"""axpo_learner.batch: rows, placeholder expansion, packing by token budget, padding."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from axpo.config import AlgorithmSpec
 from axpo.domain import Group, Reward, Trajectory
-from axpo_learner.batch import collate, pack, rows_from_groups
+from axpo_learner.batch import Row, collate, expand_placeholders, pack, rows_from_groups
 
 
 def traj(
@@ -46,10 +46,60 @@ def test_inconsistent_trajectory_is_refused():
         rows_from_groups([Group("g", "q", (bad,))], AlgorithmSpec())
 
 
-def test_images_are_refused_for_now():
+def test_images_need_an_image_processor():
     g = Group("g", "q", (traj("a", 5, 1.0, images=("ab",)),))
-    with pytest.raises(ValueError, match="references images"):
+    with pytest.raises(ValueError, match="references images but the learner has no image"):
         rows_from_groups([g], AlgorithmSpec())
+
+
+@pytest.mark.parametrize(
+    ("ids", "counts", "expanded", "where"),
+    [
+        ([5, 9, 6], [1], [5, 9, 6], [0, 1, 2]),
+        ([9, 6], [3], [9, 9, 9, 6], [0, 3]),
+        ([5, 9, 6, 9], [2, 3], [5, 9, 9, 6, 9, 9, 9], [0, 1, 3, 4]),
+        ([5, 6], [], [5, 6], [0, 1]),
+    ],
+)
+def test_expand_placeholders(ids, counts, expanded, where):
+    assert expand_placeholders(ids, 9, counts) == (tuple(expanded), tuple(where))
+
+
+@pytest.mark.parametrize(
+    ("ids", "counts", "message"),
+    [
+        ([5, 9, 6], [], "1 image placeholders in token_ids for 0 images"),
+        ([5, 9, 9, 6], [4], "2 image placeholders in token_ids for 1 images"),
+        ([9], [0], "expands to 0 tokens"),
+    ],
+)
+def test_expand_placeholders_refuses_mismatches(ids, counts, message):
+    with pytest.raises(ValueError, match=message):
+        expand_placeholders(ids, 9, counts)
+
+
+def test_collate_keeps_each_rows_images_in_row_order():
+    def row(tid: str, ids: tuple[int, ...], pixels: float | None) -> Row:
+        n = len(ids)
+        grid = None if pixels is None else torch.tensor([[1, 2, 2]])
+        pv = None if pixels is None else torch.full((4, 3), pixels)
+        return Row("g", tid, ids, (False,) * n, (0.0,) * n, 1.0, pv, grid)
+
+    rows = [row("a", (1, 9, 2), 1.0), row("t", (1, 2, 3, 4), None), row("b", (9, 3), 2.0)]
+    mb = collate(rows, pad_id=0, image_token_id=9)
+    assert mb.pixel_values is not None
+    assert mb.image_grid_thw is not None
+    assert mb.pixel_values[:, 0].tolist() == [1.0] * 4 + [2.0] * 4
+    assert mb.image_grid_thw.tolist() == [[1, 2, 2], [1, 2, 2]]
+    assert mb.mm_token_type_ids is not None
+    assert mb.mm_token_type_ids.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+    assert mb.advantages.tolist() == [[1, 0, 1, 0], [1, 1, 1, 1], [0, 1, 0, 0]]
+    assert set(mb.model_inputs()) == {
+        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"
+    }  # fmt: skip
+    assert set(collate(rows[1:2], pad_id=0).model_inputs()) == {"input_ids", "attention_mask"}
+    with pytest.raises(ValueError, match="need image_token_id"):
+        collate(rows, pad_id=0)
 
 
 @pytest.mark.parametrize(
