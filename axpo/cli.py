@@ -33,6 +33,7 @@ EXIT_USAGE = 2
 # Service name -> (module it lives in, the distribution that provides it).
 _SERVICES = {
     "inference": ("axpo_inference", "services/inference"),
+    "learner": ("axpo_learner", "services/learner"),
     "tools": ("axpo_tools", "services/tools"),
     "verifier": ("axpo_verifier", "services/verifier"),
 }
@@ -60,10 +61,21 @@ def _load_service(name: str, submodule: str) -> ModuleType:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from axpo import config
 
-    settings: config.ToolsSettings | config.VerifierSettings | config.InferenceSettings
-    if args.model is not None and args.service != "inference":
-        raise UsageError("--model applies to the inference service only")
-    if args.service == "tools":
+    settings: (
+        config.ToolsSettings
+        | config.VerifierSettings
+        | config.InferenceSettings
+        | config.LearnerSettings
+    )
+    if args.model is not None and args.service not in ("inference", "learner"):
+        raise UsageError("--model applies to the inference and learner services only")
+    if args.service == "learner":
+        settings = _settings_or_usage_error(config.LearnerSettings)
+        if args.model is not None:
+            settings = settings.model_copy(update={"model": str(args.model)})
+        if not settings.model or not Path(settings.model).is_dir():
+            raise UsageError(f"serve learner: --model {settings.model!r} is not a directory")
+    elif args.service == "tools":
         settings = _settings_or_usage_error(config.ToolsSettings)
     elif args.service == "inference":
         settings = _settings_or_usage_error(config.InferenceSettings)
@@ -375,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port; 0 picks a free one")
     serve.add_argument("--port-file", type=Path, help="write the bound port to this file")
     serve.add_argument(
-        "--model", type=Path, help="inference: checkpoint directory (overrides settings/env)"
+        "--model",
+        type=Path,
+        help="inference, learner: checkpoint directory (overrides settings/env)",
     )
     serve.set_defaults(handler=_cmd_serve)
 

@@ -408,9 +408,31 @@ class LearnerSettings(BaseSettings):
     inference_targets: list[RpcClientSettings] = []
     """Inference replicas new weights go to (each confirms the version)."""
     max_policy_lag: Annotated[int, Field(ge=0)] = 4
-    """Groups older than the current policy by more than this many versions are dropped."""
+    """Groups older than the current policy by more than this many versions are dropped
+    (``axpo serve learner`` copies it into ``queue.max_policy_lag``)."""
     seed: int = 0
     """Seed of torch, Python and NumPy random streams of the learner."""
+    job_id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "default"
+    """Job whose groups stream the learner consumes (a job spec's ``name``)."""
+    job_spec: str = ""
+    """YAML job spec; when given, its ``name``, ``steps``, ``questions_per_step`` and
+    ``algorithm`` replace ``job_id``, ``max_steps``, ``questions_per_step`` and the default
+    algorithm."""
+    queue: QueueSettings = QueueSettings()
+    """The trajectory queue (Redis) the groups come from."""
+    consumer: Annotated[str, Field(min_length=1)] = "learner-0"
+    """Consumer name in the groups stream's consumer group. Keep it stable across restarts:
+    entries taken but not acknowledged before a crash are redelivered to the same name."""
+    questions_per_step: Annotated[int, Field(ge=1)] = 16
+    """Groups (questions) per optimizer step."""
+    max_steps: Annotated[int, Field(ge=0)] = 0
+    """Stop after this many optimizer steps (counted across restarts); 0: run until stopped."""
+    step_timeout_s: Annotated[float, Field(ge=0)] = 0.0
+    """Once a step's first group has arrived, train on what has arrived after this many
+    seconds (a partial step); 0: always wait for ``questions_per_step`` groups."""
+    redis_retry_s: Annotated[float, Field(gt=0)] = 120.0
+    """How long the loop retries a Redis that does not answer (restarting, unreachable) before
+    it gives up with an error."""
 
 
 # --------------------------------------------------------------------------- job spec

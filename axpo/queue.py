@@ -427,6 +427,26 @@ class TrajectoryQueue:
             self.groups_key, self.settings.groups_consumer_group, list(entry_ids), "consumed"
         )
 
+    def touch_groups(self, consumer: str, entry_ids: Iterable[str]) -> int:
+        """Reset the idle time of groups ``consumer`` holds (taken, not yet acknowledged), so
+        that :meth:`reclaim` (by another consumer, or by this one) does not take them while
+        they are in use. Does not count as a delivery (XCLAIM JUSTID); ids no longer pending
+        are ignored. Returns how many were touched."""
+        ids: list[Any] = list(entry_ids)
+        if not ids:
+            return 0
+        reply = _any(
+            self.client.xclaim(
+                self.groups_key,
+                self.settings.groups_consumer_group,
+                consumer,
+                0,
+                ids,
+                justid=True,
+            )
+        )
+        return len(reply)
+
     def backlog(self) -> int:
         """Groups not yet acknowledged: queued plus taken-but-unacknowledged."""
         return int(_any(self.client.xlen(self.groups_key)))

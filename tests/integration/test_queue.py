@@ -296,3 +296,16 @@ def test_put_group_refuses_what_would_be_dead_lettered(redis_client):
         q.put_group(d.Group("g", "q", orphan.trajectories))
     assert q.backlog() == 0
     assert _image_keys(redis_client, q) == []
+
+
+def test_touched_groups_are_not_reclaimed_and_touching_is_no_delivery(redis_client):
+    q = _queue(redis_client)
+    ids = [q.put_group(make_group(f"g{i}")) for i in range(3)]
+    assert [x.entry_id for x in q.take_groups("holder", count=3)] == ids
+    time.sleep(0.06)
+    assert q.touch_groups("holder", ids[:2]) == 2
+    reclaimed = q.reclaim("thief", min_idle_ms=50)
+    assert [x.entry_id for x in reclaimed] == ids[2:]
+    assert q._times_delivered(q.groups_key, q.settings.groups_consumer_group, ids[0]) == 1
+    assert q.ack_groups(ids) == 3
+    assert q.touch_groups("holder", ids) == 0  # no longer pending: ignored

@@ -1,0 +1,397 @@
+"""The learner's main loop: take groups, train, checkpoint, acknowledge, publish.
+
+:class:`LearnerLoop` drives one :class:`~axpo_learner.trainer.Trainer` from one
+:class:`~axpo.queue.TrajectoryQueue`. It touches no gRPC (the service front is
+``axpo_learner.server``), so tests drive it in-process or in a subprocess they kill.
+
+**One step.**
+
+1. *Collect* ``questions_per_step`` groups: ``take_groups`` under the stable consumer name
+   (``LearnerSettings.consumer``; after a restart its unacknowledged entries come back first),
+   with ``current_version`` so that stale groups are dropped (and counted) by the queue. When a
+   take comes back empty the loop also reclaims (XAUTOCLAIM) entries that other consumers left
+   unacknowledged for ``queue.claim_idle_ms``. Before each reclaim, and after each step, the
+   entries this loop holds (taken for the current step, or trained but not yet checkpointed)
+   are *touched* (``touch_groups``: their idle time reset, no delivery counted), so no
+   consumer reclaims them while they are in use; one that comes back anyway is ignored, so a
+   group is never in two steps. With ``step_timeout_s`` > 0, once the step's first group has
+   arrived the loop trains on whatever arrived within that time (a *partial step*, counted);
+   with 0 it waits for a full step.
+2. *Train*: ``trainer.train_step(groups)``, then ``trainer.policy_version += 1``.
+3. *Checkpoint, then acknowledge*: every ``checkpoint_every`` steps (and on a graceful stop or
+   at ``max_steps``) :func:`axpo_learner.checkpoint.save` writes the state atomically with the
+   entry ids of every step since the previous checkpoint; only after it returns are those ids
+   acknowledged (``ack_groups``). Entries of steps not yet checkpointed stay pending in Redis.
+   Without ``checkpoint_dir`` the loop acknowledges right after the step (nothing is durable:
+   a crash loses the updates since the start, and the groups with them).
+4. *Publish* every ``publish_every`` steps (when a publisher is given), after the checkpoint.
+   A failed publication is logged and counted, never fatal: replicas keep serving older
+   weights, which shows as policy lag and logprob mismatch.
+
+**Crash recovery** (:meth:`LearnerLoop.recover`, run by :meth:`LearnerLoop.run` first): load
+the newest checkpoint, then acknowledge its recorded entry ids again (idempotent: a crash may
+have come between the checkpoint and the ack), then take. What comes back is exactly the
+groups of steps that no checkpoint covers; they are trained again on the restored weights.
+
+**Exactly once** rests on: (a) the checkpoint is written atomically (a crash leaves it whole
+or absent) and records the entry ids of precisely the steps it adds; (b) an entry is
+acknowledged only after a checkpoint containing it is durable, and acknowledgements are
+durable (Redis AOF with ``appendfsync always``); (c) unacknowledged entries are redelivered to
+the same consumer name (or reclaimed from a dead one) and deduplicated against what this loop
+holds; (d) held entries are touched before every reclaim and after every step, so a live
+learner's entries are not reclaimed as long as ``claim_idle_ms`` exceeds one step's time.
+The trained history is then the chain of checkpoints, each entry id in exactly one.
+
+**Redis outages**: every queue call is retried with backoff for up to ``redis_retry_s`` (the
+client reconnects; Lua scripts are reloaded), then the loop raises. An XREADGROUP whose reply
+was lost leaves its entries pending: they come back by reclaim after ``claim_idle_ms`` or on
+the next start.
+
+**Stopping**: :meth:`LearnerLoop.request_stop` (any thread) ends the loop between steps; groups
+collected for the unfinished step stay unacknowledged (redelivered on the next start), and the
+steps trained since the last checkpoint are checkpointed and acknowledged before returning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings
+from axpo.queue import Delivery, QueueCounters, TrajectoryQueue
+from axpo_learner import checkpoint
+from axpo_learner.publish import PublishError, WeightPublisher
+from axpo_learner.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors after which a Redis call is worth repeating (BusyLoadingError, raised while Redis
+# replays its AOF, is a ConnectionError).
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+
+
+@dataclass(frozen=True)
+class LoopStatus:
+    """A consistent snapshot of the loop for ``LearnerService.Status``."""
+
+    job_id: str
+    step: int
+    """Optimizer steps completed (counted across restarts: restored from the checkpoint)."""
+    policy_version: int
+    """Version of the trainer's current weights."""
+    published_version: int
+    """Latest version confirmed by every replica (the restored version after a restart, the
+    trainer's version when there is no publisher)."""
+    groups_trained: int
+    """Groups trained by this process (its checkpoints may not cover the last ones yet)."""
+    partial_steps: int
+    """Steps trained on fewer than ``questions_per_step`` groups (``step_timeout_s``)."""
+    publish_failures: int
+    last_metrics: dict[str, float]
+    queue_lag: int
+    """Groups not yet acknowledged (queued plus held by the learner); last known value."""
+    queue: QueueCounters
+    """The job's queue counters (kept in Redis); last known values."""
+    running: bool
+    error: str
+    """Why the loop ended with an error; empty otherwise."""
+
+
+@dataclass
+class _State:
+    groups_trained: int = 0
+    partial_steps: int = 0
+    publish_failures: int = 0
+    published_version: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    queue_lag: int = 0
+    queue: QueueCounters = field(default_factory=QueueCounters)
+    running: bool = False
+    error: str = ""
+
+
+class _Stopped(Exception):
+    """A stop was requested while waiting on Redis."""
+
+
+class LearnerLoop:
+    """Consumes a job's groups and trains on them; see the module docstring.
+
+    ``spec`` may be the job's :class:`JobSpec` (its ``questions_per_step`` and ``steps`` are
+    used, and its ``name`` must be the queue's job) or an :class:`AlgorithmSpec` (then
+    ``settings.questions_per_step`` and ``settings.max_steps``). The algorithm itself is the
+    trainer's. The loop owns none of its collaborators: the caller closes them.
+    """
+
+    def __init__(
+        self,
+        settings: LearnerSettings,
+        spec: AlgorithmSpec | JobSpec,
+        queue: TrajectoryQueue,
+        trainer: Trainer,
+        publisher: WeightPublisher | None = None,
+    ) -> None:
+        if isinstance(spec, JobSpec):
+            if spec.name != queue.job_id:
+                raise ValueError(f"job spec {spec.name!r} but the queue is job {queue.job_id!r}")
+            self.questions_per_step = spec.questions_per_step
+            self.max_steps = spec.steps
+        else:
+            self.questions_per_step = settings.questions_per_step
+            self.max_steps = settings.max_steps
+        self.settings = settings
+        self.queue = queue
+        self.trainer = trainer
+        self.publisher = publisher
+        self.checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._state = _State(published_version=trainer.policy_version)
+        self._recovered = False
+        # Entry ids of trained steps that no checkpoint covers yet (pending in Redis).
+        self._uncheckpointed: list[str] = []
+        # Deliveries collected for a step that a stop interrupted (used by the next run()).
+        self._carry: list[Delivery] = []
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self) -> None:
+        """End :meth:`run` after the current step (thread-safe, idempotent)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def done(self) -> bool:
+        """True once ``max_steps`` steps are trained (never when ``max_steps`` is 0)."""
+        return bool(self.max_steps) and self.trainer.step >= self.max_steps
+
+    def status(self) -> LoopStatus:
+        """A snapshot for Status (thread-safe; reads the queue's size and counters from Redis,
+        keeping the last known values when Redis does not answer)."""
+        fresh: tuple[int, QueueCounters] | None
+        try:
+            fresh = self.queue.backlog(), self.queue.counters()
+        except redis.RedisError:
+            fresh = None
+        with self._lock:
+            st = self._state
+            if fresh is not None:
+                st.queue_lag, st.queue = fresh
+            return LoopStatus(
+                job_id=self.queue.job_id,
+                step=self.trainer.step,
+                policy_version=self.trainer.policy_version,
+                published_version=(
+                    st.published_version if self.publisher else self.trainer.policy_version
+                ),
+                groups_trained=st.groups_trained,
+                partial_steps=st.partial_steps,
+                publish_failures=st.publish_failures,
+                last_metrics=dict(st.last_metrics),
+                queue_lag=st.queue_lag,
+                queue=st.queue,
+                running=st.running,
+                error=st.error,
+            )
+
+    # ------------------------------------------------------------------ running
+
+    def recover(self) -> checkpoint.CheckpointInfo | None:
+        """Restore the newest checkpoint and acknowledge the entries it records (idempotent;
+        :meth:`run` calls it once before the first step)."""
+        self._recovered = True
+        if self.checkpoint_dir is None:
+            return None
+        info = checkpoint.load_latest(self.trainer, self.checkpoint_dir)
+        if info is None:
+            return None
+        acked = self._redis(lambda: self.queue.ack_groups(info.consumed_entry_ids), wait=True)
+        with self._lock:
+            self._state.published_version = info.policy_version
+        log.info(
+            "resumed from %s: step %d, version %d (%d of its %d entries were still unacked)",
+            info.path,
+            info.step,
+            info.policy_version,
+            acked,
+            len(info.consumed_entry_ids),
+        )
+        return info
+
+    def run(self) -> int:
+        """Train until ``max_steps`` or a stop request; returns the steps trained by this
+        call. Raises what the trainer raises, or a Redis error after ``redis_retry_s``."""
+        with self._lock:
+            self._state.running = True
+            self._state.error = ""
+        steps = 0
+        try:
+            if not self._recovered:
+                self.recover()
+            while not self._stop.is_set() and not self.done():
+                if self.run_step():
+                    steps += 1
+            self._checkpoint_and_ack()
+        except _Stopped:
+            self._checkpoint_and_ack()
+        except BaseException as exc:
+            with self._lock:
+                self._state.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            with self._lock:
+                self._state.running = False
+        return steps
+
+    def run_step(self) -> bool:
+        """Collect one step's groups and train on them; False when a stop came first."""
+        deliveries = self._collect()
+        if self._stop.is_set() or not deliveries:
+            self._carry = deliveries
+            return False
+        self._train(deliveries)
+        return True
+
+    # ------------------------------------------------------------------ the step
+
+    def _collect(self) -> list[Delivery]:
+        need = self.questions_per_step
+        got = list(self._carry)
+        self._carry = []
+        held = set(self._uncheckpointed) | {d.entry_id for d in got}
+        wait_s = self.settings.step_timeout_s
+        block_ms = self.queue.settings.block_ms
+        deadline: float | None = None
+        consumer = self.settings.consumer
+        while len(got) < need and not self._stop.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            block = block_ms
+            if deadline is not None:
+                block = max(1, min(block_ms or 1, int((deadline - now) * 1000)))
+            version = self.trainer.policy_version
+            count = need - len(got)
+            new = self._redis(
+                partial(
+                    self.queue.take_groups,
+                    consumer,
+                    count=count,
+                    block_ms=block,
+                    current_version=version,
+                )
+            )
+            if not new:
+                # Refresh what this loop holds first, or reclaim would take it back (counting a
+                # delivery each time, until it is dead-lettered as a poison message).
+                self._redis(partial(self.queue.touch_groups, consumer, sorted(held)))
+                new = self._redis(
+                    partial(self.queue.reclaim, consumer, count=count, current_version=version)
+                )
+                if not new and block_ms == 0:
+                    time.sleep(0.01)  # no blocking read to wait in: do not spin
+            for delivery in new:
+                if delivery.entry_id in held:
+                    continue
+                held.add(delivery.entry_id)
+                got.append(delivery)
+            if got and deadline is None and wait_s > 0:
+                deadline = time.monotonic() + wait_s
+        return got
+
+    def _train(self, deliveries: list[Delivery]) -> None:
+        trainer = self.trainer
+        metrics = trainer.train_step([d.group for d in deliveries])
+        trainer.policy_version += 1
+        self._uncheckpointed.extend(d.entry_id for d in deliveries)
+        # Still held until a checkpoint covers them: keep other consumers from reclaiming.
+        self._redis(partial(self.queue.touch_groups, self.settings.consumer, self._uncheckpointed))
+        with self._lock:
+            st = self._state
+            st.groups_trained += len(deliveries)
+            st.partial_steps += len(deliveries) < self.questions_per_step
+            st.last_metrics = dict(metrics)
+        if self.checkpoint_dir is None:
+            self._ack(self._uncheckpointed)
+            self._uncheckpointed = []
+        elif trainer.step % self.settings.checkpoint_every == 0 or self.done():
+            self._checkpoint_and_ack()
+        if self.publisher is not None and trainer.step % self.settings.publish_every == 0:
+            self._publish(self.publisher)
+
+    def _checkpoint_and_ack(self) -> None:
+        """Checkpoint the steps trained since the last checkpoint, then acknowledge them."""
+        if not self._uncheckpointed:
+            return
+        ids = list(self._uncheckpointed)
+        if self.checkpoint_dir is not None:
+            info = checkpoint.save(
+                self.trainer, self.checkpoint_dir, ids, keep=self.settings.keep_checkpoints
+            )
+            log.info("checkpoint %s (%d entries)", info.path, len(ids))
+        self._ack(ids)
+        self._uncheckpointed = []
+
+    def _ack(self, ids: list[str]) -> None:
+        # Must not be abandoned on a stop request: the step is durable, so is its ack.
+        self._redis(lambda: self.queue.ack_groups(ids), wait=True)
+
+    def _publish(self, publisher: WeightPublisher) -> None:
+        version = self.trainer.policy_version
+        try:
+            result = publisher.publish(self.trainer.model, version)
+        except (PublishError, OSError) as exc:
+            with self._lock:
+                self._state.publish_failures += 1
+            log.error("publishing version %d failed: %s", version, exc)
+            return
+        with self._lock:
+            self._state.published_version = version
+        log.info(
+            "published version %d to %d replicas (%.1f MB in %.2f s)",
+            version,
+            result.replicas,
+            result.bytes / 1e6,
+            result.seconds,
+        )
+
+    # ------------------------------------------------------------------ Redis
+
+    def _redis(self, call: Callable[[], T], *, wait: bool = False) -> T:
+        """``call()``, repeated while Redis does not answer, for up to ``redis_retry_s``.
+        Unless ``wait``, a stop request ends the waiting with :class:`_Stopped`."""
+        deadline: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except _TRANSIENT as exc:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.settings.redis_retry_s
+                    log.warning(
+                        "redis unavailable, retrying for %gs: %s", self.settings.redis_retry_s, exc
+                    )
+                if now >= deadline:
+                    raise
+                if not wait and self._stop.is_set():
+                    raise _Stopped from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+
+def describe(status: LoopStatus) -> dict[str, Any]:
+    """The status as plain JSON-able values (logs, the CLI)."""
+    return asdict(status)

@@ -1,0 +1,127 @@
+"""gRPC front of the learner (``axpo serve learner``): the only module of the service that
+touches gRPC.
+
+:func:`serve` builds everything from :class:`~axpo.config.LearnerSettings`: the queue
+(``settings.queue``; a private redis-server when it has no ``redis_url``), the trainer, the
+weight publisher (none without ``inference_targets``), and a :class:`LearnerLoop` that runs in
+a background thread while the main thread serves ``LearnerService``. The process ends when
+the loop ends: ``max_steps`` reached (exit 0), a SIGTERM/SIGINT (the loop stops after its
+current step and checkpoints; exit 0), or an error in the loop (raised: non-zero exit, for the
+supervisor to restart it; the restart resumes from the newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import grpc
+
+from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings, load_job_spec
+from axpo.logs import configure_logging
+from axpo.queue import TrajectoryQueue, connect
+from axpo.rpc.server import RunningServer, ServiceRegistration, serve_forever, start_server
+from axpo.v1 import learner_pb2, learner_pb2_grpc
+from axpo_learner.loop import LearnerLoop
+from axpo_learner.publish import PathPublisher, StreamPublisher, WeightPublisher
+from axpo_learner.trainer import Trainer
+
+SERVICE_NAME = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
+
+log = logging.getLogger(__name__)
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    def __init__(self, loop: LearnerLoop) -> None:
+        self._loop = loop
+
+    def Status(
+        self, request: learner_pb2.LearnerServiceStatusRequest, context: grpc.ServicerContext
+    ) -> learner_pb2.LearnerServiceStatusResponse:
+        st = self._loop.status()
+        return learner_pb2.LearnerServiceStatusResponse(
+            step=st.step,
+            policy_version=st.published_version,
+            queue_lag=max(0, st.queue_lag),
+            groups_consumed=st.queue.consumed,
+            groups_dropped_stale=st.queue.dropped_stale,
+            groups_dead_lettered=st.queue.dead_lettered,
+            last_metrics=st.last_metrics,
+            job_id=st.job_id,
+        )
+
+
+def start(settings: LearnerSettings, loop: LearnerLoop) -> RunningServer:
+    """Serve ``loop``'s status (non-blocking); the caller runs the loop and stops the server."""
+    servicer = LearnerServicer(loop)
+    registration = ServiceRegistration(
+        name=SERVICE_NAME,
+        add=lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(servicer, server),
+    )
+    return start_server([registration], settings.rpc, service="learner")
+
+
+def resolve_job(settings: LearnerSettings) -> tuple[str, AlgorithmSpec | JobSpec]:
+    """The job id and the spec the loop runs: ``settings.job_spec`` when given, else
+    ``settings.job_id`` with the default algorithm."""
+    if settings.job_spec:
+        spec = load_job_spec(settings.job_spec)
+        return spec.name, spec
+    return settings.job_id, AlgorithmSpec()
+
+
+def make_publisher(settings: LearnerSettings) -> WeightPublisher | None:
+    """The configured transport to ``settings.inference_targets``; None without targets."""
+    if not settings.inference_targets:
+        return None
+    if settings.publish_transport == "stream":
+        return StreamPublisher(settings.inference_targets, settings.publish_chunk_bytes)
+    if not settings.publish_dir:
+        raise ValueError("publish_transport 'path' needs publish_dir (a shared directory)")
+    return PathPublisher(settings.inference_targets, settings.publish_dir)
+
+
+def serve(settings: LearnerSettings, port_file: Path | None = None) -> None:
+    """Train and serve Status until the loop ends or SIGTERM/SIGINT. Writes the bound port to
+    ``port_file`` once the model is loaded and the server listens."""
+    configure_logging(settings.log, service="learner")
+    job_id, spec = resolve_job(settings)
+    algorithm = spec.algorithm if isinstance(spec, JobSpec) else spec
+    queue_settings = settings.queue.model_copy(update={"max_policy_lag": settings.max_policy_lag})
+    client, redis_server = connect(queue_settings)
+    publisher: WeightPublisher | None = None
+    try:
+        queue = TrajectoryQueue(client, job_id, queue_settings)
+        trainer = Trainer(settings, algorithm)
+        publisher = make_publisher(settings)
+        loop = LearnerLoop(settings, spec, queue, trainer, publisher)
+        running = start(settings, loop)
+        failure: list[BaseException] = []
+
+        def run_loop() -> None:
+            try:
+                loop.run()
+            except BaseException as exc:
+                failure.append(exc)
+                log.exception("learner loop failed")
+            finally:
+                running.stop(settings.rpc.grace_s)  # ends serve_forever below
+
+        thread = threading.Thread(target=run_loop, name="learner-loop", daemon=True)
+        thread.start()
+        if port_file is not None:
+            port_file.write_text(f"{running.port}\n")
+        try:
+            serve_forever(running, settings.rpc.grace_s)
+        finally:
+            loop.request_stop()
+            thread.join()
+        if failure:
+            raise RuntimeError(f"learner loop failed: {failure[0]}") from failure[0]
+    finally:
+        if publisher is not None:
+            publisher.close()
+        client.close()
+        if redis_server is not None:
+            redis_server.stop()
