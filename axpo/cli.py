@@ -318,7 +318,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             queue_bench.print_table(result)
         return EXIT_OK
     bench = _load_service(args.target, "bench")
-    if args.target == "verifier":
+    if args.target == "learner":
+        result = bench.run(groups=args.groups, redis_url=args.redis_url)
+    elif args.target == "verifier":
         result = bench.run(items=args.items, math_items_n=args.math_items, rounds=args.rounds)
     elif args.target == "inference":
         result = bench.run(rounds=args.rounds)
@@ -412,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_cmd_verify)
 
     bench = sub.add_parser("bench", help="measure a component's throughput")
-    bench.add_argument("target", choices=["inference", "queue", "tools", "verifier"])
+    bench.add_argument("target", choices=["inference", "learner", "queue", "tools", "verifier"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--items", type=int, default=20_000, help="non-math items per round")
     bench.add_argument("--math-items", type=int, default=200, help="math items per round")

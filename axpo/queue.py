@@ -427,6 +427,25 @@ class TrajectoryQueue:
             self.groups_key, self.settings.groups_consumer_group, list(entry_ids), "consumed"
         )
 
+    def dead_letter_groups(self, consumer: str, entry_ids: Iterable[str], reason: str) -> int:
+        """Move groups ``consumer`` holds to the dead-letter stream with ``reason`` (for the
+        learner: groups it cannot train on) and acknowledge them, counted in
+        ``dead_lettered``. Idempotent; returns how many were still pending."""
+        if not reason:
+            raise ValueError("a dead letter needs a reason")
+        ids = list(entry_ids)
+        released = self._release(
+            self.groups_key,
+            self.settings.groups_consumer_group,
+            ids,
+            "dead_lettered",
+            reason=reason,
+            consumer=consumer,
+        )
+        for entry_id in ids:
+            log_event(_log, 30, "dead letter", job=self.job_id, entry=entry_id, reason=reason)
+        return released
+
     def touch_groups(self, consumer: str, entry_ids: Iterable[str]) -> int:
         """Reset the idle time of groups ``consumer`` holds (taken, not yet acknowledged), so
         that :meth:`reclaim` (by another consumer, or by this one) does not take them while

@@ -8,11 +8,13 @@ image re-attached, protobuf decoded, every trajectory validated, acknowledged). 
 private server with ``appendfsync always`` unless ``redis_url`` is given. Backpressure is off
 so the two sides are timed separately.
 
-``headroom`` = consume rate / the learner's consume rate. The learner is not built yet, so its
-rate is an assumption passed in: ``groups_per_step / learner_step_s``, by default 16 groups per
-~2 s step (PLATFORM.md: a GRPO-sized step of 16 questions x 8 rollouts on a tiny model took
-1.7-2.4 s on 2 cores), i.e. 8 groups/s. Replace it with the measured step time once the
-learner exists.
+``headroom`` = consume rate / the learner's consume rate. This core module cannot run the
+learner (it lives in the learner service, which the core must not import), so the learner's
+rate is passed in: either measured by the caller (``learner_groups_per_s`` with
+``learner_rate_source`` saying what was measured: ``axpo_learner.bench`` trains the tiny model
+and passes its figure here), or, without it, the assumption ``groups_per_step /
+learner_step_s``, by default 16 groups per ~2 s step (PLATFORM.md: a GRPO-sized step of 16
+questions x 8 rollouts on a tiny model took 1.7-2.4 s on 2 cores), i.e. 8 groups/s.
 """
 
 from __future__ import annotations
@@ -61,8 +63,14 @@ def run(
     learner_step_s: float = 2.0,
     groups_per_step: int = 16,
     redis_url: str | None = None,
+    learner_groups_per_s: float | None = None,
+    learner_rate_source: str = "",
 ) -> dict[str, Any]:
-    """Produce then consume ``groups`` groups; rates in groups per second."""
+    """Produce then consume ``groups`` groups; rates in groups per second. The headroom uses
+    ``learner_groups_per_s`` when given (a measured rate; ``learner_rate_source`` describes
+    it), else the assumed ``groups_per_step / learner_step_s``."""
+    if learner_groups_per_s is not None and learner_groups_per_s <= 0:
+        raise ValueError(f"learner_groups_per_s must be > 0, got {learner_groups_per_s}")
     settings = QueueSettings(redis_url=redis_url, max_backlog=0, block_ms=100)
     client, server = connect(settings)
     try:
@@ -92,7 +100,15 @@ def run(
 
     produce_rate = groups / produce_s
     consume_rate = groups / consume_s
-    learner_rate = groups_per_step / learner_step_s
+    if learner_groups_per_s is None:
+        learner_rate = groups_per_step / learner_step_s
+        source = (
+            f"assumed: {groups_per_step} groups per {learner_step_s:g} s step "
+            "(PLATFORM.md GRPO-sized step on 2 cores); not measured"
+        )
+    else:
+        learner_rate = learner_groups_per_s
+        source = learner_rate_source or "measured"
     return {
         "groups": groups,
         "rollouts_per_group": rollouts,
@@ -103,10 +119,7 @@ def run(
         "groups_per_s": round(min(produce_rate, consume_rate), 1),
         "redis_used_memory_mib_at_full_backlog": round(used_memory / 2**20, 1),
         "learner_groups_per_s": round(learner_rate, 2),
-        "learner_rate_source": (
-            f"assumed: {groups_per_step} groups per {learner_step_s:g} s step "
-            "(PLATFORM.md GRPO-sized step on 2 cores); not measured"
-        ),
+        "learner_rate_source": source,
         "headroom": round(consume_rate / learner_rate, 1),
         "dead_lettered": counters.dead_lettered,
         "redis": f"{version} ({'external' if redis_url else 'private, appendfsync always'})",

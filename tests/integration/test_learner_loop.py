@@ -4,7 +4,9 @@ staleness, graceful stop. (Crashes of real processes: test_learner_crash.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings, QueueSettings
+from axpo.domain import Group, Image
 from axpo.queue import TrajectoryQueue
 from axpo_learner import checkpoint
 from axpo_learner.loop import LearnerLoop, describe
@@ -159,3 +162,65 @@ def test_stop_request_ends_the_loop_and_checkpoints_what_it_trained(
     assert _chain(tmp_path / "ckpt") == ids[:2]  # checkpointed on stop, then acked
     assert q.backlog() == 1
     assert q.pending() == 1
+
+
+def _spoil(group: Group, **changes) -> Group:
+    """``group`` with its first trajectory changed (still passing Trajectory.validate)."""
+    first = dataclasses.replace(group.trajectories[0], **changes)
+    return dataclasses.replace(group, trajectories=(first, *group.trajectories[1:]))
+
+
+def test_groups_the_trainer_cannot_batch_are_dead_lettered_and_the_rest_trained(
+    redis_client, tiny_model
+):
+    s = _settings(tiny_model, None, questions_per_step=3, max_steps=2)
+    q = _queue(redis_client)
+    trainer = Trainer(s)
+    assert trainer.image_encoder is not None
+    pad = trainer.image_encoder.image_token_id
+    vocab = trainer.model.get_input_embeddings().num_embeddings
+
+    def placeholder_without_image(gid: str) -> Group:
+        g = text_group(gid)
+        t = g.trajectories[0]
+        return _spoil(g, token_ids=(pad, *t.token_ids[1:]))
+
+    g = text_group("undecodable")
+    junk = Image.from_bytes(os.urandom(256), "image/png")  # passes the queue's hash check
+    undecodable = dataclasses.replace(
+        _spoil(g, image_sha256=(junk.sha256,), token_ids=(pad, *g.trajectories[0].token_ids[1:])),
+        images=(junk,),
+    )
+    g = text_group("out-of-vocab")
+    out_of_vocab = _spoil(g, token_ids=(*g.trajectories[0].token_ids[:-1], vocab + 5))
+
+    ids = [
+        q.put_group(x)
+        for x in (
+            text_group("g0"),
+            placeholder_without_image("bad-placeholder"),
+            text_group("g1"),
+            # A step with no trainable group: nothing trained, the loop goes on.
+            undecodable,
+            out_of_vocab,
+            placeholder_without_image("bad-placeholder-2"),
+            text_group("g2"),
+            text_group("g3"),
+            text_group("g4"),
+        )
+    ]
+    loop = LearnerLoop(s, AlgorithmSpec(), q, trainer)
+    assert loop.run() == 2
+
+    st = loop.status()
+    assert (st.step, st.groups_trained, st.groups_dead_lettered) == (2, 5, 4)
+    assert (st.queue.dead_lettered, st.queue.consumed) == (4, 5)
+    assert st.partial_steps == 1
+    assert st.queue_lag == 0
+    letters = {x["entry_id"].decode(): x["reason"].decode() for x in q.dead_letters()}
+    assert set(letters) == {ids[1], ids[3], ids[4], ids[5]}
+    assert "image placeholders in token_ids but no image_sha256" in letters[ids[1]]
+    assert "bad-placeholder" in letters[ids[1]]
+    assert "UnidentifiedImageError" in letters[ids[3]]
+    assert f"outside the model's vocabulary of {vocab}" in letters[ids[4]]
+    assert all(x["consumer"] == s.consumer.encode() for x in q.dead_letters())

@@ -17,7 +17,15 @@
    group is never in two steps. With ``step_timeout_s`` > 0, once the step's first group has
    arrived the loop trains on whatever arrived within that time (a *partial step*, counted);
    with 0 it waits for a full step.
-2. *Train*: ``trainer.train_step(groups)``, then ``trainer.policy_version += 1``.
+2. *Train*: ``trainer.train_step(groups)``, then ``trainer.policy_version += 1``. A bad group
+   (one the queue accepted but the learner cannot batch: image placeholders that do not match
+   its images, an image that does not decode, token ids outside the model's vocabulary...)
+   never ends the loop: when ``train_step`` raises ValueError, OSError (undecodable image) or
+   IndexError, each group of the step is checked alone through the trainer's batching path
+   (rows, images, micro-batches; no forward, weights untouched), the offending ones are
+   dead-lettered with the error as reason (counted in ``dead_lettered``, acknowledged at
+   once: nothing of theirs is trained) and the step is trained on the rest (not at all when
+   none is left). When no single group is at fault the error is raised as before.
 3. *Checkpoint, then acknowledge*: every ``checkpoint_every`` steps (and on a graceful stop or
    at ``max_steps``) :func:`axpo_learner.checkpoint.save` writes the state atomically with the
    entry ids of every step since the previous checkpoint; only after it returns are those ids
@@ -66,14 +74,21 @@ from typing import Any, TypeVar
 import redis
 
 from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings
+from axpo.domain import Group
 from axpo.queue import Delivery, QueueCounters, TrajectoryQueue
 from axpo_learner import checkpoint
+from axpo_learner.batch import micro_batches, rows_from_groups
 from axpo_learner.publish import PublishError, WeightPublisher
 from axpo_learner.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# What train_step raises on a bad group: ValueError (inconsistent input), OSError (PIL's
+# UnidentifiedImageError: an image that does not decode), IndexError (a token id outside the
+# embedding table, raised by the forward).
+_BAD_INPUT = (ValueError, OSError, IndexError)
 
 # Errors after which a Redis call is worth repeating (BusyLoadingError, raised while Redis
 # replays its AOF, is a ConnectionError).
@@ -96,6 +111,9 @@ class LoopStatus:
     """Groups trained by this process (its checkpoints may not cover the last ones yet)."""
     partial_steps: int
     """Steps trained on fewer than ``questions_per_step`` groups (``step_timeout_s``)."""
+    groups_dead_lettered: int
+    """Groups this process dead-lettered because the trainer could not batch them (also in
+    ``queue.dead_lettered``, which counts every consumer's dead letters)."""
     publish_failures: int
     last_metrics: dict[str, float]
     queue_lag: int
@@ -111,6 +129,7 @@ class LoopStatus:
 class _State:
     groups_trained: int = 0
     partial_steps: int = 0
+    groups_dead_lettered: int = 0
     publish_failures: int = 0
     published_version: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
@@ -198,6 +217,7 @@ class LearnerLoop:
                 ),
                 groups_trained=st.groups_trained,
                 partial_steps=st.partial_steps,
+                groups_dead_lettered=st.groups_dead_lettered,
                 publish_failures=st.publish_failures,
                 last_metrics=dict(st.last_metrics),
                 queue_lag=st.queue_lag,
@@ -256,13 +276,13 @@ class LearnerLoop:
         return steps
 
     def run_step(self) -> bool:
-        """Collect one step's groups and train on them; False when a stop came first."""
+        """Collect one step's groups and train on them; False when a stop came first or every
+        group of the step was dead-lettered (no step trained)."""
         deliveries = self._collect()
         if self._stop.is_set() or not deliveries:
             self._carry = deliveries
             return False
-        self._train(deliveries)
-        return True
+        return self._train(deliveries)
 
     # ------------------------------------------------------------------ the step
 
@@ -311,9 +331,15 @@ class LearnerLoop:
                 deadline = time.monotonic() + wait_s
         return got
 
-    def _train(self, deliveries: list[Delivery]) -> None:
+    def _train(self, deliveries: list[Delivery]) -> bool:
         trainer = self.trainer
-        metrics = trainer.train_step([d.group for d in deliveries])
+        try:
+            metrics = trainer.train_step([d.group for d in deliveries])
+        except _BAD_INPUT as exc:
+            deliveries = self._drop_bad_groups(deliveries, exc)
+            if not deliveries:
+                return False
+            metrics = trainer.train_step([d.group for d in deliveries])
         trainer.policy_version += 1
         self._uncheckpointed.extend(d.entry_id for d in deliveries)
         # Still held until a checkpoint covers them: keep other consumers from reclaiming.
@@ -330,6 +356,66 @@ class LearnerLoop:
             self._checkpoint_and_ack()
         if self.publisher is not None and trainer.step % self.settings.publish_every == 0:
             self._publish(self.publisher)
+        return True
+
+    def _drop_bad_groups(self, deliveries: list[Delivery], error: BaseException) -> list[Delivery]:
+        """After ``train_step`` raised ``error``: dead-letter the groups that fail alone and
+        return the others; re-raise ``error`` when none does (it is not the input's fault)."""
+        good: list[Delivery] = []
+        bad: list[tuple[Delivery, str]] = []
+        for delivery in deliveries:
+            reason = self._batch_error(delivery.group)
+            if reason is None:
+                good.append(delivery)
+            else:
+                bad.append((delivery, reason))
+        if not bad:
+            raise error
+        for delivery, reason in bad:
+            reason = f"learner cannot train on group {delivery.group.group_id}: {reason}"
+            log.error("dead-lettering entry %s: %s", delivery.entry_id, reason)
+            self._redis(
+                partial(
+                    self.queue.dead_letter_groups,
+                    self.settings.consumer,
+                    [delivery.entry_id],
+                    reason,
+                ),
+                wait=True,
+            )
+        with self._lock:
+            self._state.groups_dead_lettered += len(bad)
+        return good
+
+    def _batch_error(self, group: Group) -> str | None:
+        """Why ``group`` alone fails the trainer's batching (the path ``train_step`` runs
+        before the forward: rows, images, micro-batches) or the embedding's vocabulary; None
+        when it passes. Touches no weights."""
+        trainer = self.trainer
+        s = trainer.settings
+        enc = trainer.image_encoder
+        try:
+            rows = rows_from_groups(
+                [group],
+                trainer.spec,
+                scale_by_std=s.scale_advantages_by_std,
+                std_floor=s.advantage_std_floor,
+                images=enc,
+            )
+            micro_batches(
+                rows, s.micro_batch_tokens, trainer.pad_id, enc.image_token_id if enc else None
+            )
+        except _BAD_INPUT as exc:
+            return f"{type(exc).__name__}: {exc}"
+        vocab = int(trainer.model.get_input_embeddings().num_embeddings)
+        for row in rows:
+            top = max(row.token_ids)
+            if top >= vocab or min(row.token_ids) < 0:
+                return (
+                    f"trajectory {row.trajectory_id}: token id {top} outside the model's "
+                    f"vocabulary of {vocab}"
+                )
+        return None
 
     def _checkpoint_and_ack(self) -> None:
         """Checkpoint the steps trained since the last checkpoint, then acknowledge them."""

@@ -6,6 +6,8 @@ masks from :mod:`axpo.algorithm`, micro-batches by token budget with gradient ac
 global gradient-norm clipping, AdamW. Every forward runs before the optimizer step, so the
 learner's logprobs are those of the pre-update policy; their mismatch with the rollout's
 logprobs is logged (``logprob_mismatch_mean``/``_max``: how stale weights show up).
+Under torchrun the model is sharded with FSDP2 and each rank trains on its share of the
+micro-batches (:mod:`axpo_learner.distributed`); every rank must get the same groups.
 Trajectories with images are expanded and carry their pixels (:mod:`axpo_learner.batch`).
 """
 
@@ -24,6 +26,7 @@ import torch
 from axpo import algorithm
 from axpo.config import AlgorithmSpec, LearnerSettings
 from axpo.domain import Group
+from axpo_learner import distributed
 from axpo_learner.batch import ImageEncoder, MicroBatch, micro_batches, rows_from_groups
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ class Trainer:
             raise ValueError("model: no checkpoint given")
         self.settings = settings
         self.spec = spec or AlgorithmSpec()
+        self.world = distributed.init_from_env()
         seed_everything(settings.seed)
         self.model, self.processor = load_policy(settings.model, settings.dtype)
         self.reference = None
@@ -83,6 +87,8 @@ class Trainer:
             self.reference = copy.deepcopy(self.model).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
+        if self.world.distributed:
+            distributed.shard_model(self.model)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=settings.lr,
@@ -124,8 +130,9 @@ class Trainer:
             norm = max(len(m) for m in masks)
         self.optimizer.zero_grad(set_to_none=True)
         parts: list[dict[str, float]] = []
+        scale = distributed.grad_scale(self.world)
         weights: list[float] = []
-        for mb in batches:
+        for mb, live in distributed.share(batches, self.world):
             logp, entropy = token_logprobs(self.model, mb, s.temperature)
             mask = mb.loss_mask[:, 1:]
             rollout = mb.rollout_logprobs[:, 1:]
@@ -149,9 +156,16 @@ class Trainer:
                 entropies=entropy,
                 rollout_logprobs=rollout,
             )
-            out.loss.backward()  # type: ignore[no-untyped-call]
+            if not live:  # padding pass: same collectives as the other ranks, no gradient
+                (out.loss * 0.0).backward()  # type: ignore[no-untyped-call]
+                continue
+            (out.loss * scale).backward()  # type: ignore[no-untyped-call]
             parts.append(out.metrics)
             weights.append(out.metrics["tokens"])
+        if self.world.distributed:
+            gathered = distributed.gather_object((parts, weights), self.world)
+            parts = [m for p, _ in gathered for m in p]
+            weights = [w for _, ws in gathered for w in ws]
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -181,4 +195,4 @@ class Trainer:
         if not params:
             return 0.0
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return distributed.full_value(torch.nn.utils.clip_grad_norm_(params, max_norm))

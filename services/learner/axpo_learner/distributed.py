@@ -1,0 +1,119 @@
+"""Multi-process training: torchrun process groups, FSDP2 sharding, data-parallel steps.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank holds a shard of each parameter
+(``torch.distributed.fsdp.fully_shard``: one group per text decoder layer, the rest — embeddings,
+the vision tower, the head — in the root group) and trains on its share of a step's
+micro-batches. Every rank is given the *same* groups (see :func:`broadcast_object`), builds the
+same rows and micro-batches, and computes the loss denominators over the whole step, so each
+rank's loss is its part of the single-process loss. FSDP averages gradients across ranks, so
+the backward pass runs on ``loss * world size`` (:func:`grad_scale`): the average of the scaled
+gradients is their sum, the single-process gradient. (FSDP2's ``set_gradient_divide_factor(1)``
+would do the same without the scaling, but it reduces with ``ReduceOp.PREMUL_SUM``, which gloo
+does not support.)
+
+Ranks must run the same number of forward/backward passes (each one all-gathers the shards):
+a rank with fewer micro-batches than another runs a padding pass whose loss is multiplied by 0.
+
+Vision blocks stay in the root group on purpose: a text-only micro-batch does not call them,
+and a per-block group would all-gather only on the ranks whose micro-batch has images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+# Class-name suffixes of the modules that get an FSDP group of their own.
+_LAYER_SUFFIXES = ("DecoderLayer",)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_from_env() -> World:
+    """The process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): ``nccl`` with CUDA, else ``gloo``.
+    Without ``WORLD_SIZE`` > 1 nothing is initialised and a one-process world is returned."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local)
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Apply FSDP2 to ``model`` in place: each decoder layer, then the root (gradients are
+    averaged across ranks: scale the loss by :func:`grad_scale`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device.type
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for module in list(model.modules()):
+        if type(module).__name__.endswith(_LAYER_SUFFIXES):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def grad_scale(world: World) -> float:
+    """The factor on each rank's loss that turns FSDP's gradient average into a sum."""
+    return float(world.size)
+
+
+def share(items: Sequence[T], world: World) -> list[tuple[T, bool]]:
+    """This rank's share of ``items`` (round robin), padded so that every rank gets the same
+    count: ``(item, live)``; a padding entry repeats ``items[0]`` with ``live`` False."""
+    if not world.distributed:
+        return [(x, True) for x in items]
+    if not items:
+        return []
+    n = -(-len(items) // world.size)
+    mine: list[tuple[T, bool]] = [(x, True) for x in items[world.rank :: world.size]]
+    return mine + [(items[0], False)] * (n - len(mine))
+
+
+def gather_object(obj: T, world: World) -> list[T]:
+    """``obj`` from every rank, in rank order (every rank gets the list)."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T, world: World, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (e.g. the groups of a step read by rank 0)."""
+    if not world.distributed:
+        return obj
+    box: list[Any] = [obj if world.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]  # type: ignore[no-any-return]
+
+
+def full_value(t: torch.Tensor) -> float:
+    """A scalar that may be a DTensor (e.g. the grad norm over sharded gradients)."""
+    full = getattr(t, "full_tensor", None)
+    return float(full() if full is not None else t)
