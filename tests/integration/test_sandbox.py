@@ -8,6 +8,7 @@ left outside a zygote.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import logging
@@ -399,6 +400,29 @@ def _printed(*needles: str) -> Callable[[RunResult, Host], None]:
     return check
 
 
+# What the sandbox's root may hold: its own folders, the host's system folders (read-only)
+# and the top folder of wherever this Python lives (a CI checkout under /check, a venv).
+_SANDBOX_TOPS = {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "root"}
+_SANDBOX_TOPS |= {"sandbox", "sbin", "tmp", "usr", "var"}
+
+
+def _python_tops() -> set[str]:
+    import site
+
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()]
+    paths += list(sysconfig.get_paths().values())
+    return {Path(p).resolve().parts[1] for p in paths if len(Path(p).resolve().parts) > 1}
+
+
+def _root_is_sandbox_root(result: RunResult, host: Host) -> None:
+    _printed("chroot blocked", "root now ['bin', ")(result, host)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("root now "))
+    listed = set(ast.literal_eval(line.removeprefix("root now ")))
+    assert {"bin", "dev", "etc", "sandbox", "proc"} <= listed, line
+    unexpected = listed - _SANDBOX_TOPS - _python_tops()
+    assert not unexpected, (f"host folders visible at the sandbox root: {unexpected}", line)
+
+
 def _no_connection(*needles: str) -> Callable[[RunResult, Host], None]:
     def check(result: RunResult, host: Host) -> None:
         _printed(*needles)(result, host)
@@ -728,7 +752,7 @@ ATTACKS = [
         "for _ in range(20):\n    os.chdir('..')\n"
         "attempt('pivot', lambda: os.chroot('.'))\n"
         "print('root now', sorted(os.listdir('/')))\n",
-        _printed("chroot blocked", "root now ['bin', 'dev', 'etc', 'lib'"),
+        _root_is_sandbox_root,
     ),
     Attack(
         "unshare namespaces through ctypes",
