@@ -106,6 +106,28 @@ def render_system_turn(system: str, tools: Sequence[Mapping[str, Any]]) -> str:
     return f"{IM_START}system\n{body}{IM_END}\n"
 
 
+def render_user_turn(text: str, image_count: int = 0) -> str:
+    """A user turn: its images (placeholders) first, then the text, as the template renders a
+    message whose content lists the images before the text."""
+    return f"{IM_START}user\n{IMAGE_PLACEHOLDER * image_count}{text}{IM_END}\n"
+
+
+def render_prompt(
+    system: str, tools: Sequence[Mapping[str, Any]], question: str, image_count: int = 0
+) -> str:
+    """The first prompt of a rollout: system turn (with the tools), the user's question with
+    its images, and the generation prompt (``<|im_start|>assistant\n<think>\n``)."""
+    return (
+        render_system_turn(system, tools)
+        + render_user_turn(question, image_count)
+        + (GENERATION_PROMPT)
+    )
+
+
+# What the rollout appends after a tool call the model closed: the end of the assistant turn.
+END_OF_TURN = f"{IM_END}\n"
+
+
 def render_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
     """A call as the template writes it (the model's own bytes may differ; keep those)."""
     payload = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)

@@ -9,10 +9,10 @@ file and the dotted path of the field (``algorithm.rho: ...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from axpo.domain import RewardWeights
@@ -478,6 +478,87 @@ class RewardSpec(BaseModel):
         return RewardWeights(accuracy=self.accuracy, format=self.format, tool_bonus=self.tool_bonus)
 
 
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful visual assistant. Think inside <think></think>, call a tool when the "
+    "image is too small to read, and give the final answer as <answer>X</answer>."
+)
+
+
+class TaskSpec(BaseModel):
+    """The questions a job trains on (``axpo.tasks``: procedurally generated, seeded)."""
+
+    model_config = _MODEL
+
+    family: Literal["zoom_digits"] = "zoom_digits"
+    """Task family. ``zoom_digits``: an image with a small boxed number among distractors;
+    which choice is the number? Zooming into the box makes it legible."""
+    count: Annotated[int, Field(ge=1)] = 256
+    """Questions in the training set (seeds ``seed .. seed+count-1``), cycled in order."""
+    seed: int = 0
+    """First task seed."""
+    image_size: Annotated[int, Field(ge=64, le=4096)] = 256
+    """Side of the square question image in pixels (a multiple of 32 avoids resizing)."""
+
+
+class RolloutSpec(BaseModel):
+    """How one rollout is sampled: the agent loop's limits and the sampling parameters."""
+
+    model_config = _MODEL
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """System text before the tool schemas."""
+    tools: list[str] = ["image_zoom_in_tool"]
+    """Names of the tools offered to the model (the tool server's names); empty: no tools."""
+    max_turns: Annotated[int, Field(ge=1)] = 4
+    """Assistant turns per rollout (each tool call ends a turn)."""
+    max_new_tokens: Annotated[int, Field(ge=1)] = 512
+    """Tokens one assistant turn may generate."""
+    max_total_tokens: Annotated[int, Field(ge=16)] = 4096
+    """Whole-trajectory budget (prompt, turns, tool responses); a rollout reaching it is
+    truncated and scored as it stands."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Sampling temperature (the learner divides its logits by the same value)."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Nucleus sampling; 1 turns it off."""
+    top_k: Annotated[int, Field(ge=0)] = 0
+    """Top-k sampling; 0 turns it off."""
+    tool_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """Deadline of one tool call."""
+    inflight_questions: Annotated[int, Field(ge=1)] = 4
+    """Questions one rollout worker works on at once (their generations batch in vLLM)."""
+
+
+class RunSpec(BaseModel):
+    """``axpo run``: the local processes and their settings (environment-style overrides)."""
+
+    model_config = _MODEL
+
+    rollout_workers: Annotated[int, Field(ge=1)] = 1
+    """Rollout worker processes."""
+    inference: dict[str, Any] = {}
+    """``InferenceSettings`` fields for the inference service (e.g. ``kv_cache_gib``)."""
+    tools: dict[str, Any] = {}
+    """``ToolsSettings`` fields for the tool server (e.g. ``zoom: {min_pixels: 4096}``)."""
+    learner: dict[str, Any] = {}
+    """``LearnerSettings`` fields for the learner (e.g. ``lr``, ``micro_batch_tokens``)."""
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    """How long the services may take to become healthy."""
+
+    @model_validator(mode="after")
+    def _check_service_settings(self) -> RunSpec:
+        # Fail at `axpo job check` time, naming the service, not minutes later in a subprocess.
+        for name, cls in (
+            ("inference", InferenceSettings),
+            ("tools", ToolsSettings),
+            ("learner", LearnerSettings),
+        ):
+            try:
+                cls.model_validate(getattr(self, name))
+            except ValidationError as exc:
+                raise ValueError(f"run.{name}:\n{format_validation_error(exc)}") from None
+        return self
+
+
 class JobSpec(BaseModel):
     """A training job, as written in a YAML file under configs/."""
 
@@ -497,6 +578,12 @@ class JobSpec(BaseModel):
     """Questions (groups) per optimizer step."""
     seed: int = 0
     """Seed for task sampling, rollouts and the learner."""
+    tasks: TaskSpec = TaskSpec()
+    """Where the questions come from."""
+    rollout: RolloutSpec = RolloutSpec()
+    """The agent loop and its sampling."""
+    run: RunSpec = RunSpec()
+    """Local processes for ``axpo run``."""
 
 
 class JobSpecError(ValueError):

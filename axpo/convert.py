@@ -365,6 +365,7 @@ def group_to_proto(group: d.Group) -> pb.Group:
         policy_version=group.policy_version,
         job_id=group.job_id,
         created_at=group.created_at,
+        timings=dict(group.timings),
     )
 
 
@@ -377,4 +378,5 @@ def group_from_proto(msg: pb.Group) -> d.Group:
         policy_version=msg.policy_version,
         job_id=msg.job_id,
         created_at=msg.created_at,
+        timings=tuple(sorted((k, float(v)) for k, v in msg.timings.items())),
     )

@@ -276,3 +276,9 @@ class Group:
     policy_version: int = 0
     job_id: str = ""
     created_at: float = 0.0
+    timings: tuple[tuple[str, float], ...] = ()
+    """Seconds the rollout worker spent on the group by phase, as sorted ``(name, s)`` pairs."""
+
+    def timing(self, name: str) -> float:
+        """Seconds spent in phase ``name`` (0 when not recorded)."""
+        return dict(self.timings).get(name, 0.0)

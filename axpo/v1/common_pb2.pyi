@@ -593,6 +593,26 @@ class Group(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TimingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     GROUP_ID_FIELD_NUMBER: _builtins.int
     QUESTION_ID_FIELD_NUMBER: _builtins.int
     TRAJECTORIES_FIELD_NUMBER: _builtins.int
@@ -600,6 +620,7 @@ class Group(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
     group_id: _builtins.str
     """Unique id of the group (job, step and question)."""
     question_id: _builtins.str
@@ -616,6 +637,12 @@ class Group(_message.Message):
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """Every image any trajectory references, each once."""
 
+    @_builtins.property
+    def timings(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Seconds the rollout worker spent on the group, by phase ("generate", "tools", "verify",
+        "total"); phases overlap across rollouts, so they need not add up to "total".
+        """
+
     def __init__(
         self,
         *,
@@ -626,10 +653,11 @@ class Group(_message.Message):
         policy_version: _builtins.int = ...,
         job_id: _builtins.str = ...,
         created_at: _builtins.float = ...,
+        timings: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "group_id", b"group_id", "images", b"images", "job_id", b"job_id", "policy_version", b"policy_version", "question_id", b"question_id", "trajectories", b"trajectories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "group_id", b"group_id", "images", b"images", "job_id", b"job_id", "policy_version", b"policy_version", "question_id", b"question_id", "timings", b"timings", "trajectories", b"trajectories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

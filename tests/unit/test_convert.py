@@ -141,6 +141,7 @@ groups = st.builds(
     policy_version=st.integers(0, 2**64 - 1),
     job_id=text,
     created_at=f64,
+    timings=st.dictionaries(text, f64, max_size=3).map(lambda m: tuple(sorted(m.items()))),
 )
 
 
