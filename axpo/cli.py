@@ -34,6 +34,7 @@ EXIT_USAGE = 2
 _SERVICES = {
     "inference": ("axpo_inference", "services/inference"),
     "learner": ("axpo_learner", "services/learner"),
+    "rollout": ("axpo_rollout", "services/rollout"),
     "tools": ("axpo_tools", "services/tools"),
     "verifier": ("axpo_verifier", "services/verifier"),
 }
@@ -66,6 +67,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         | config.VerifierSettings
         | config.InferenceSettings
         | config.LearnerSettings
+        | config.RolloutSettings
     )
     if args.model is not None and args.service not in ("inference", "learner"):
         raise UsageError("--model applies to the inference and learner services only")
@@ -75,6 +77,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             settings = settings.model_copy(update={"model": str(args.model)})
         if not settings.model or not Path(settings.model).is_dir():
             raise UsageError(f"serve learner: --model {settings.model!r} is not a directory")
+    elif args.service == "rollout":
+        settings = _settings_or_usage_error(config.RolloutSettings)
+        if not settings.job_spec:
+            raise UsageError("serve rollout: set AXPO_ROLLOUT_JOB_SPEC to a job spec YAML")
     elif args.service == "tools":
         settings = _settings_or_usage_error(config.ToolsSettings)
     elif args.service == "inference":
@@ -336,6 +342,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- job
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from axpo import launcher
+    from axpo.config import JobSpecError
+
+    try:
+        summary = launcher.run(args.config, run_dir=args.run_dir, progress=not args.no_progress)
+    except JobSpecError as exc:
+        raise UsageError(str(exc)) from exc
+    except launcher.RunError as exc:
+        print(f"axpo run: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except launcher.Interrupted as exc:
+        print(f"axpo run: stopped by {exc}; every process was stopped", file=sys.stderr)
+        return 128 + exc.signum
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
 def _cmd_job_check(args: argparse.Namespace) -> int:
     from axpo.config import JobSpecError, load_job_spec
 
@@ -394,6 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference, learner: checkpoint directory (overrides settings/env)",
     )
     serve.set_defaults(handler=_cmd_serve)
+
+    run = sub.add_parser(
+        "run",
+        help="run a training job: Redis, every service and the rollout workers as local "
+        "processes, live progress, a report at the end",
+        description="Runs the job in CONFIG on this machine (see axpo/launcher.py). Prints a JSON "
+        "summary on stdout; exit 0 when every step trained, 1 when a process failed, 130 on "
+        "Ctrl-C (every process is stopped first).",
+    )
+    run.add_argument("config", type=Path, help="YAML job spec (configs/*.yaml)")
+    run.add_argument("--run-dir", type=Path, help="run folder (default runs/<job>-<time>)")
+    run.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
+    run.set_defaults(handler=_cmd_run)
 
     verify = sub.add_parser(
         "verify",

@@ -430,9 +430,49 @@ class LearnerSettings(BaseSettings):
     step_timeout_s: Annotated[float, Field(ge=0)] = 0.0
     """Once a step's first group has arrived, train on what has arrived after this many
     seconds (a partial step); 0: always wait for ``questions_per_step`` groups."""
+    metrics_path: str = ""
+    """JSON-lines file the learner appends one record per optimizer step to (the step's
+    diagnostics, loss metrics and time split); empty: none."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Port of the learner's Prometheus ``/metrics`` with the latest step's values (0 picks
+    one); unset: none."""
     redis_retry_s: Annotated[float, Field(gt=0)] = 120.0
     """How long the loop retries a Redis that does not answer (restarting, unreachable) before
     it gives up with an error."""
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+class RolloutSettings(BaseSettings):
+    """A rollout worker (``axpo serve rollout``): takes questions from the prompts stream, runs
+    the agent loop against the inference, tool and verifier services, puts scored groups."""
+
+    model_config = _settings("AXPO_ROLLOUT_")
+
+    rpc: RpcServerSettings = RpcServerSettings(port=50055, max_workers=4)
+    """Where the worker's health endpoint listens."""
+    log: LogSettings = LogSettings()
+    """Logging."""
+    job_spec: str = ""
+    """YAML job spec (required): its ``name`` is the job, ``algorithm`` and ``rollout`` say
+    how groups are sampled, ``reward`` how they are scored."""
+    tokenizer: str = ""
+    """Checkpoint directory whose ``tokenizer.json`` the loop uses; unset: the job's model."""
+    inference: RpcClientSettings = RpcClientSettings(target="127.0.0.1:50051", deadline_s=600.0)
+    """The inference service (deadline covers one whole generation)."""
+    tools: RpcClientSettings = RpcClientSettings(target="127.0.0.1:50052", deadline_s=60.0)
+    """The tool server."""
+    verifier: RpcClientSettings = RpcClientSettings(target="127.0.0.1:50053", deadline_s=60.0)
+    """The reward verifier."""
+    queue: QueueSettings = QueueSettings()
+    """The trajectory queue (Redis): prompts in, groups out."""
+    consumer: Annotated[str, Field(min_length=1)] = "rollout-0"
+    """Consumer name on the prompts stream; keep it stable across restarts of this worker."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Port of the worker's Prometheus ``/metrics`` (0 picks one); unset: none."""
+    health_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    """How long the worker waits for its services to become healthy at start."""
 
 
 # --------------------------------------------------------------------------- job spec
@@ -543,6 +583,14 @@ class RunSpec(BaseModel):
     """``LearnerSettings`` fields for the learner (e.g. ``lr``, ``micro_batch_tokens``)."""
     startup_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     """How long the services may take to become healthy."""
+    prepare_model: Literal["none", "tiny", "tiny-warm-start"] = "none"
+    """When ``model`` is a directory that does not exist yet: ``tiny`` builds the tiny random
+    checkpoint there (``axpo model tiny``), ``tiny-warm-start`` also gives it a short
+    supervised warm start on the job's tasks (``axpo model warm-start``); ``none`` fails."""
+    warm_start_steps: Annotated[int, Field(ge=1)] = 200
+    """Optimizer steps of the warm start (``prepare_model: tiny-warm-start``)."""
+    max_prompt_backlog: Annotated[int, Field(ge=1)] | None = None
+    """Questions queued ahead of the rollout workers; unset: two steps' worth."""
 
     @model_validator(mode="after")
     def _check_service_settings(self) -> RunSpec:

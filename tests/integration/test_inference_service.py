@@ -158,6 +158,19 @@ def test_scores_shapes_and_n(engine: InferenceEngine, processor: Any) -> None:
     assert greedy[0].token_ids == greedy[1].token_ids
 
 
+def test_vision_tokens_are_never_sampled(engine: InferenceEngine, processor: Any) -> None:
+    # The random tiny model puts ~1/1000 of its mass on each of the 4 vision tokens: 3,000
+    # sampled tokens would hold ~12 of them without the engine's logit bias.
+    banned = set(engine.unsampled_token_ids)
+    assert {engine.image_token_id, engine.video_token_id} <= banned
+    assert len(banned) == 4
+    params = SamplingParams(n=16, temperature=1.5, max_tokens=192, seed=11)
+    samples = engine.generate(_ids(processor, ONE_IMAGE), [IMG_A], params)
+    sampled = [t for s in samples for t in s.token_ids]
+    assert len(sampled) > 1000
+    assert not banned & set(sampled)
+
+
 def test_stop_string_is_kept_and_reported(engine: InferenceEngine, processor: Any) -> None:
     ids = _ids(processor, ONE_IMAGE)
     (ref,) = engine.generate(ids, [IMG_A], GREEDY)

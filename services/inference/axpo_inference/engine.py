@@ -28,6 +28,10 @@ So a sample is produced entirely by the weights that were serving when it was ad
 one admitted during or after it the new one. The price: a swap waits for the longest in-flight
 generation, and new requests wait for the swap.
 
+Vision tokens (image/video placeholders, vision start/end) are never sampled: a logit bias
+of -100 keeps them out, because a placeholder the model writes has no image behind it and the
+next turn's prompt (and the learner's batch) would be invalid.
+
 Sample scores: the logprob of each sampled token under the sampling policy (vLLM's
 ``processed_logprobs`` by default: after temperature/top-k/top-p), the top-k alternatives, and an
 entropy estimate from the top ``max(top_logprobs, entropy_top_logprobs)`` (see
@@ -379,6 +383,20 @@ class InferenceEngine:
         self.tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
         self.image_token_id: int | None = config.get("image_token_id")
         self.video_token_id: int | None = config.get("video_token_id")
+        # Never sampled (a -100 logit bias): a vision placeholder the model writes has no image
+        # behind it, so the next turn's prompt (and the learner's batch) would be invalid.
+        self.unsampled_token_ids = sorted(
+            {
+                int(config[key])
+                for key in (
+                    "image_token_id",
+                    "video_token_id",
+                    "vision_start_token_id",
+                    "vision_end_token_id",
+                )
+                if isinstance(config.get(key), int)
+            }
+        )
         self.weight_specs = read_safetensors_specs(self._model_dir)
         self._grid = _image_grid(self._model_dir)
         self._images = _ImageCache(settings.image_cache_size)
@@ -673,6 +691,7 @@ class InferenceEngine:
             logprobs=max(params.top_logprobs, self.settings.entropy_top_logprobs),
             output_kind=RequestOutputKind.FINAL_ONLY,
             skip_special_tokens=False,
+            logit_bias=dict.fromkeys(self.unsampled_token_ids, -100.0) or None,
         )
 
     async def _generate(

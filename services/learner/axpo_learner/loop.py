@@ -73,6 +73,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from axpo import diagnostics
 from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings
 from axpo.domain import Group
 from axpo.queue import Delivery, QueueCounters, TrajectoryQueue
@@ -159,6 +160,7 @@ class LearnerLoop:
         queue: TrajectoryQueue,
         trainer: Trainer,
         publisher: WeightPublisher | None = None,
+        on_step: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         if isinstance(spec, JobSpec):
             if spec.name != queue.job_id:
@@ -172,6 +174,7 @@ class LearnerLoop:
         self.queue = queue
         self.trainer = trainer
         self.publisher = publisher
+        self.on_step = on_step
         self.checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -278,11 +281,12 @@ class LearnerLoop:
     def run_step(self) -> bool:
         """Collect one step's groups and train on them; False when a stop came first or every
         group of the step was dead-lettered (no step trained)."""
+        started = time.perf_counter()
         deliveries = self._collect()
         if self._stop.is_set() or not deliveries:
             self._carry = deliveries
             return False
-        return self._train(deliveries)
+        return self._train(deliveries, queue_wait_s=time.perf_counter() - started)
 
     # ------------------------------------------------------------------ the step
 
@@ -331,8 +335,9 @@ class LearnerLoop:
                 deadline = time.monotonic() + wait_s
         return got
 
-    def _train(self, deliveries: list[Delivery]) -> bool:
+    def _train(self, deliveries: list[Delivery], queue_wait_s: float = 0.0) -> bool:
         trainer = self.trainer
+        t_train = time.perf_counter()
         try:
             metrics = trainer.train_step([d.group for d in deliveries])
         except _BAD_INPUT as exc:
@@ -340,6 +345,8 @@ class LearnerLoop:
             if not deliveries:
                 return False
             metrics = trainer.train_step([d.group for d in deliveries])
+        train_s = time.perf_counter() - t_train
+        trained_version = trainer.policy_version
         trainer.policy_version += 1
         self._uncheckpointed.extend(d.entry_id for d in deliveries)
         # Still held until a checkpoint covers them: keep other consumers from reclaiming.
@@ -349,13 +356,36 @@ class LearnerLoop:
             st.groups_trained += len(deliveries)
             st.partial_steps += len(deliveries) < self.questions_per_step
             st.last_metrics = dict(metrics)
+        t_ckpt = time.perf_counter()
         if self.checkpoint_dir is None:
             self._ack(self._uncheckpointed)
             self._uncheckpointed = []
         elif trainer.step % self.settings.checkpoint_every == 0 or self.done():
             self._checkpoint_and_ack()
+        checkpoint_s = time.perf_counter() - t_ckpt
+        t_pub = time.perf_counter()
         if self.publisher is not None and trainer.step % self.settings.publish_every == 0:
             self._publish(self.publisher)
+        publish_s = time.perf_counter() - t_pub
+        if self.on_step is not None:
+            groups = [d.group for d in deliveries]
+            now = time.time()
+            record: dict[str, float] = {
+                "step": float(trainer.step),
+                "policy_version": float(trainer.policy_version),
+                **{k: float(v) for k, v in metrics.items()},
+                **diagnostics.step_diagnostics(groups, learner_version=trained_version),
+                "queue_wait_s": queue_wait_s,
+                "train_s": train_s,
+                "checkpoint_s": checkpoint_s,
+                "publish_s": publish_s,
+                "group_age_s": sum(now - g.created_at for g in groups) / len(groups),
+                "time": now,
+            }
+            try:
+                self.on_step(record)
+            except Exception:  # metrics must never stop training
+                log.exception("step metrics sink failed")
         return True
 
     def _drop_bad_groups(self, deliveries: list[Delivery], error: BaseException) -> list[Delivery]:

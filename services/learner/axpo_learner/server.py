@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings, load_job_spec
+from axpo.diagnostics import DIAGNOSTIC_HELP
 from axpo.logs import configure_logging
+from axpo.metrics_export import StepMetrics, append_jsonl
 from axpo.queue import TrajectoryQueue, connect
 from axpo.rpc.server import RunningServer, ServiceRegistration, serve_forever, start_server
 from axpo.v1 import learner_pb2, learner_pb2_grpc
@@ -82,6 +85,32 @@ def make_publisher(settings: LearnerSettings) -> WeightPublisher | None:
     return PathPublisher(settings.inference_targets, settings.publish_dir)
 
 
+def _step_metrics(settings: LearnerSettings) -> StepMetrics | None:
+    if settings.metrics_port is None:
+        return None
+    metrics = StepMetrics(DIAGNOSTIC_HELP)
+    port = metrics.start_http(settings.metrics_port)
+    log.info("prometheus metrics on 127.0.0.1:%d/metrics", port)
+    return metrics
+
+
+def _sink(
+    settings: LearnerSettings, metrics: StepMetrics | None
+) -> Callable[[dict[str, float]], None] | None:
+    """Where each step's record goes: the JSON-lines file and the Prometheus gauges."""
+    path = Path(settings.metrics_path) if settings.metrics_path else None
+    if path is None and metrics is None:
+        return None
+
+    def sink(record: dict[str, float]) -> None:
+        if path is not None:
+            append_jsonl(path, record)
+        if metrics is not None:
+            metrics.update(int(record["step"]), record)
+
+    return sink
+
+
 def serve(settings: LearnerSettings, port_file: Path | None = None) -> None:
     """Train and serve Status until the loop ends or SIGTERM/SIGINT. Writes the bound port to
     ``port_file`` once the model is loaded and the server listens."""
@@ -91,11 +120,15 @@ def serve(settings: LearnerSettings, port_file: Path | None = None) -> None:
     queue_settings = settings.queue.model_copy(update={"max_policy_lag": settings.max_policy_lag})
     client, redis_server = connect(queue_settings)
     publisher: WeightPublisher | None = None
+    step_metrics: StepMetrics | None = None
     try:
         queue = TrajectoryQueue(client, job_id, queue_settings)
         trainer = Trainer(settings, algorithm)
         publisher = make_publisher(settings)
-        loop = LearnerLoop(settings, spec, queue, trainer, publisher)
+        step_metrics = _step_metrics(settings)
+        loop = LearnerLoop(
+            settings, spec, queue, trainer, publisher, on_step=_sink(settings, step_metrics)
+        )
         running = start(settings, loop)
         failure: list[BaseException] = []
 
@@ -122,6 +155,8 @@ def serve(settings: LearnerSettings, port_file: Path | None = None) -> None:
     finally:
         if publisher is not None:
             publisher.close()
+        if step_metrics is not None:
+            step_metrics.close()
         client.close()
         if redis_server is not None:
             redis_server.stop()

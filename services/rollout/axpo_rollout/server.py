@@ -1,0 +1,98 @@
+"""``axpo serve rollout``: one rollout worker process.
+
+It waits for the inference, tool and verifier services to be healthy, asks the tool server
+for its tools, then runs :class:`~axpo_rollout.worker.RolloutWorker` until SIGTERM/SIGINT,
+serving only gRPC health (SERVING while the worker runs) and, when ``metrics_port`` is set,
+Prometheus ``/metrics`` with the worker's counters. On a signal it stops taking questions,
+finishes the ones in flight (their groups put, prompts acknowledged) and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from axpo.config import RolloutSettings, load_job_spec
+from axpo.logs import configure_logging, log_event
+from axpo.queue import TrajectoryQueue, connect
+from axpo.rpc.server import serve_forever, start_server
+from axpo_rollout.agent import AgentLoop, Vocab
+from axpo_rollout.clients import GrpcBackend
+from axpo_rollout.worker import RolloutWorker
+
+log = logging.getLogger("axpo.rollout")
+
+
+def _metrics(worker: RolloutWorker, port: int) -> object:
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import CounterMetricFamily
+
+    registry = CollectorRegistry()
+
+    class _Collector:
+        def collect(self) -> object:
+            c = worker.counters
+            for name, value, doc in (
+                ("groups", c.groups, "groups put on the queue"),
+                ("rollouts", c.rollouts, "original rollouts sampled"),
+                ("resampled_rollouts", c.resampled_rollouts, "AXPO resampled rollouts"),
+                ("tool_calls", c.tool_calls, "tool calls made by rollouts"),
+                ("failures", c.failures, "questions that failed (service errors)"),
+                ("dead_lettered", c.dead_lettered, "questions dead-lettered"),
+            ):
+                yield CounterMetricFamily(f"axpo_rollout_{name}", doc, value=value)
+
+    registry.register(_Collector())  # type: ignore[arg-type]
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return server
+
+
+def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
+    configure_logging(settings.log, service="rollout")
+    if not settings.job_spec:
+        raise ValueError("serve rollout: AXPO_ROLLOUT_JOB_SPEC (a job spec YAML) is required")
+    spec = load_job_spec(settings.job_spec)
+    backend = GrpcBackend(settings.inference, settings.tools, settings.verifier)
+    client, redis_server = connect(settings.queue)
+    try:
+        backend.wait_ready(settings.health_timeout_s)
+        vocab = Vocab(settings.tokenizer or spec.model)
+        loop = AgentLoop(backend, vocab, spec, backend.list_tools(), seed=None)
+        queue = TrajectoryQueue(client, spec.name, settings.queue)
+        queue.ensure()
+        worker = RolloutWorker(loop, queue, settings.consumer)
+        running = start_server([], settings.rpc, service="rollout")
+        metrics_server = None
+        if settings.metrics_port is not None:
+            metrics_server = _metrics(worker, settings.metrics_port)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                worker.run()
+            except BaseException as exc:
+                failure.append(exc)
+                log.exception("rollout worker failed")
+            finally:
+                running.stop(settings.rpc.grace_s)
+
+        thread = threading.Thread(target=run, name="rollout-worker", daemon=True)
+        thread.start()
+        if port_file is not None:
+            port_file.write_text(f"{running.port}\n")
+        log_event(log, logging.INFO, "worker started", job=spec.name, consumer=settings.consumer)
+        try:
+            serve_forever(running, settings.rpc.grace_s)
+        finally:
+            worker.request_stop()
+            thread.join()
+            if metrics_server is not None:
+                metrics_server.shutdown()  # type: ignore[attr-defined]
+        if failure:
+            raise RuntimeError(f"rollout worker failed: {failure[0]}") from failure[0]
+    finally:
+        backend.close()
+        client.close()
+        if redis_server is not None:
+            redis_server.stop()

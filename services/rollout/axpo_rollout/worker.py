@@ -1,0 +1,132 @@
+"""A rollout worker: questions in (prompts stream), scored groups out (groups stream).
+
+:class:`RolloutWorker` keeps up to ``rollout.inflight_questions`` questions in flight: it
+takes prompt tasks under its stable consumer name (after a restart its unacknowledged ones
+come back first), runs each through :meth:`AgentLoop.run_group` on a thread, puts the group
+(``put_group`` waits while the learner is ``max_backlog`` groups behind: backpressure), and
+only then acknowledges the prompt. A crash between the put and the ack samples that question
+again (at least once; the learner then sees two groups for it), never loses it. A question
+whose group fails (a service error) is not acknowledged: it comes back by reclaim after
+``queue.claim_idle_ms``, or as poison after ``queue.max_deliveries``... of the groups stream
+only, so the worker also dead-letters a prompt after ``max_prompt_failures`` failures of its
+own. Idle workers reclaim prompts of dead workers.
+
+The worker also counts what it did (:class:`WorkerCounters`) for its Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from axpo.domain import Group
+from axpo.logs import log_event
+from axpo.queue import PromptDelivery, TrajectoryQueue
+from axpo.tasks import task_from_data
+from axpo_rollout.agent import AgentLoop
+
+log = logging.getLogger("axpo.rollout")
+
+
+@dataclass
+class WorkerCounters:
+    groups: int = 0
+    rollouts: int = 0
+    resampled_rollouts: int = 0
+    tool_calls: int = 0
+    failures: int = 0
+    dead_lettered: int = 0
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        loop: AgentLoop,
+        queue: TrajectoryQueue,
+        consumer: str,
+        *,
+        max_prompt_failures: int = 3,
+    ) -> None:
+        self.loop = loop
+        self.queue = queue
+        self.consumer = consumer
+        self.inflight = loop.spec.rollout.inflight_questions
+        self.max_prompt_failures = max_prompt_failures
+        self.counters = WorkerCounters()
+        self._failures: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[str, Future[Group]] = {}
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Until :meth:`request_stop`: keep ``inflight`` questions going. Returns after the
+        questions in flight finished (their groups put, their prompts acknowledged)."""
+        with ThreadPoolExecutor(self.inflight, thread_name_prefix="question") as pool:
+            while not self._stop.is_set():
+                free = self.inflight - len(self._running)
+                if free <= 0:
+                    time.sleep(0.02)
+                    continue
+                deliveries = self.queue.take_prompts(self.consumer, count=free, block_ms=200)
+                if not deliveries and not self._running:
+                    deliveries = self.queue.reclaim_prompts(self.consumer, count=free)
+                for d in deliveries:
+                    if d.entry_id in self._running:
+                        continue  # redelivered while still in flight here
+                    fut = pool.submit(self._one, d)
+                    with self._lock:
+                        self._running[d.entry_id] = fut
+                    fut.add_done_callback(lambda _f, e=d.entry_id: self._forget(e))
+            for fut in list(self._running.values()):
+                fut.exception()
+
+    def _forget(self, entry_id: str) -> None:
+        with self._lock:
+            self._running.pop(entry_id, None)
+
+    def _one(self, delivery: PromptDelivery) -> Group:
+        task = delivery.task
+        try:
+            question = task_from_data(task.data)
+            group = self.loop.run_group(
+                question, group_id=f"{self.loop.spec.name}-{task.task_id}-{delivery.entry_id}"
+            )
+            self.queue.put_group(group)
+            self.queue.ack_prompts([delivery.entry_id])
+        except Exception as exc:
+            self._failed(delivery, exc)
+            raise
+        c = self.counters
+        with self._lock:
+            c.groups += 1
+            c.rollouts += sum(1 for t in group.trajectories if not t.resampled_from)
+            c.resampled_rollouts += sum(1 for t in group.trajectories if t.resampled_from)
+            c.tool_calls += sum(len(t.tool_calls) for t in group.trajectories)
+        return group
+
+    def _failed(self, delivery: PromptDelivery, exc: BaseException) -> None:
+        with self._lock:
+            self.counters.failures += 1
+            self._failures[delivery.entry_id] += 1
+            n = self._failures[delivery.entry_id]
+        log_event(
+            log,
+            logging.WARNING,
+            "question failed",
+            task=delivery.task.task_id,
+            entry=delivery.entry_id,
+            failures=n,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        if n >= self.max_prompt_failures or isinstance(exc, ValueError):
+            # A bad task (ValueError: it cannot be built or sampled) or one that keeps failing.
+            self.queue.dead_letter_prompts(self.consumer, [delivery.entry_id], str(exc)[:500])
+            with self._lock:
+                self.counters.dead_lettered += 1
