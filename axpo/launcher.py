@@ -151,6 +151,9 @@ class Launcher:
             )
         child = Child(name, proc, log_path, port_file)
         self.children.append(child)
+        # Which processes (and process groups) belong to the run: for people and for tests.
+        pids = {c.name: c.proc.pid for c in self.children}
+        (self.run_dir / "pids.json").write_text(json.dumps(pids, indent=1) + "\n")
         return child
 
     def check_children(self) -> None:
