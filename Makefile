@@ -7,7 +7,7 @@ setup:          ## create .venv with the core, implemented services and dev tool
 test:           ## the test command: setup + lint + types + import rules + protos + pytest
 	bash scripts/test.sh
 
-demo:           ## the main job today: run the verifier service and score sample outputs
+demo:           ## the main job: axpo run configs/tiny-cpu-axpo.yaml (AXPO on the tiny model, CPU)
 	bash scripts/demo.sh
 
 protos:         ## regenerate axpo/v1 from protos/
