@@ -22,7 +22,7 @@ from axpo import __version__
 if TYPE_CHECKING:
     from pydantic_settings import BaseSettings
 
-    from axpo.domain import Image, Reward, RewardWeights, ScoreItem, ToolResult
+    from axpo.domain import Image, Reward, RewardWeights, ScoreItem, ToolCall, ToolResult
 
     SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
@@ -330,6 +330,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench.run(items=args.items, math_items_n=args.math_items, rounds=args.rounds)
     elif args.target == "inference":
         result = bench.run(rounds=args.rounds)
+    elif args.target == "rollout":
+        model = Path(args.model) if args.model else None
+        result = bench.run(model, questions=args.questions, group_size=args.group_size)
     else:
         result = bench.run(calls=args.calls)
     if args.json:
@@ -396,6 +399,43 @@ def _cmd_model_tiny(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_model_warm_start(args: argparse.Namespace) -> int:
+    from axpo.config import DEFAULT_SYSTEM_PROMPT, TaskSpec, ToolsSettings, ZoomSettings
+
+    if not (args.model / "config.json").is_file():
+        raise UsageError(f"model warm-start: --model {str(args.model)!r} is not a checkpoint")
+    if args.steps < 1 or args.tasks < 1 or not 64 <= args.image_size <= 4096:
+        raise UsageError("model warm-start: --steps and --tasks must be >= 1, --image-size 64-4096")
+    toolbox_module = _load_service("tools", "toolbox")
+    from axpo import warmstart
+
+    # Small crops: a zoom result costs the tiny model a handful of image tokens.
+    toolbox = toolbox_module.Toolbox(
+        ToolsSettings(zoom=ZoomSettings(min_pixels=64 * 64, max_pixels=128 * 128))
+    )
+    tools = [s for s in toolbox.openai_specs() if s["function"]["name"] == warmstart.ZOOM_TOOL]
+
+    def call_tool(call: ToolCall, images: Sequence[Image]) -> ToolResult:
+        result: ToolResult = toolbox.call(call, images)
+        return result
+
+    try:
+        metrics = warmstart.warm_start(
+            args.model,
+            args.out,
+            tools=tools,
+            call_tool=call_tool,
+            tasks=TaskSpec(count=args.tasks, seed=args.seed, image_size=args.image_size),
+            system_prompt=DEFAULT_SYSTEM_PROMPT,
+            steps=args.steps,
+            seed=args.seed,
+        )
+    finally:
+        toolbox.close()
+    print(json.dumps(metrics))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -451,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_cmd_verify)
 
     bench = sub.add_parser("bench", help="measure a component's throughput")
-    bench.add_argument("target", choices=["inference", "learner", "queue", "tools", "verifier"])
+    bench.add_argument(
+        "target", choices=["inference", "learner", "queue", "rollout", "tools", "verifier"]
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--items", type=int, default=20_000, help="non-math items per round")
     bench.add_argument("--math-items", type=int, default=200, help="math items per round")
@@ -467,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="assumed learner step time for the headroom figure (queue)",
     )
     bench.add_argument("--redis-url", help="an existing Redis (queue; default: a private one)")
+    bench.add_argument("--questions", type=int, default=8, help="questions per batch (rollout)")
+    bench.add_argument("--group-size", type=int, default=4, help="rollouts per question (rollout)")
+    bench.add_argument(
+        "--model", metavar="DIR", help="checkpoint (rollout; default: the warm tiny model if built)"
+    )
     bench.set_defaults(handler=_cmd_bench)
 
     tool = sub.add_parser("tool", help="list the tools or call one (in-process or --server)")
@@ -515,6 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="share the input embedding with the output layer (as small real Qwen models do)",
     )
     tiny.set_defaults(handler=_cmd_model_tiny)
+    warm = model_sub.add_parser(
+        "warm-start",
+        help="teach a checkpoint the answer/tool-call format on generated tasks (short SFT)",
+        description="Trains on demonstrations of the zoom_digits tasks (half of them call "
+        "image_zoom_in_tool; answers right about half the time), saves a complete checkpoint "
+        "to --out and prints one JSON object of metrics.",
+    )
+    warm.add_argument("--model", type=Path, required=True, help="input checkpoint directory")
+    warm.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    warm.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    warm.add_argument("--seed", type=int, default=0, help="seed of tasks and sampling")
+    warm.add_argument("--image-size", type=int, default=256, help="task image side in pixels")
+    warm.add_argument("--tasks", type=int, default=256, help="distinct tasks (default 256)")
+    warm.set_defaults(handler=_cmd_model_warm_start)
     return parser
 
 
