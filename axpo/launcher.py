@@ -224,6 +224,7 @@ class Launcher:
 
     def run(self, progress: bool = True) -> dict[str, Any]:
         spec = self.spec
+        self.run_dir = self.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(
             yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
@@ -232,9 +233,14 @@ class Launcher:
         self._prepare_model(model)
         from axpo.config import QueueSettings
         from axpo.queue import TrajectoryQueue, connect
+        from axpo.redis_server import RedisServerError
 
-        queue_settings = QueueSettings(embedded_dir=str(self.run_dir / "redis"))
-        client, self.redis = connect(queue_settings)
+        # Absolute: redis-server resolves its dir from its own working directory.
+        queue_settings = QueueSettings(embedded_dir=str((self.run_dir / "redis").resolve()))
+        try:
+            client, self.redis = connect(queue_settings)
+        except RedisServerError as exc:
+            raise RunError(str(exc)) from exc
         redis_url = self.redis.url if self.redis is not None else ""
         queue_env = {"redis_url": redis_url}
         queue = TrajectoryQueue(client, spec.name, QueueSettings(redis_url=redis_url))
