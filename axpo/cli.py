@@ -325,7 +325,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_OK
     bench = _load_service(args.target, "bench")
     if args.target == "learner":
-        result = bench.run(groups=args.groups, redis_url=args.redis_url)
+        result = bench.run(
+            groups=args.groups,
+            redis_url=args.redis_url,
+            publish_versions=args.publish_versions,
+            publish_only=args.publish_only,
+        )
     elif args.target == "verifier":
         result = bench.run(items=args.items, math_items_n=args.math_items, rounds=args.rounds)
     elif args.target == "inference":
@@ -513,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--group-size", type=int, default=4, help="rollouts per question (rollout)")
     bench.add_argument(
         "--model", metavar="DIR", help="checkpoint (rollout; default: the warm tiny model if built)"
+    )
+    bench.add_argument(
+        "--publish-versions", type=int, default=5, help="timed publications per transport (learner)"
+    )
+    bench.add_argument(
+        "--publish-only", action="store_true", help="only the publication figures (learner)"
     )
     bench.set_defaults(handler=_cmd_bench)
 

@@ -275,9 +275,16 @@ class Launcher:
             "metrics_path": str(metrics_path),
             "temperature": spec.rollout.temperature,
             "seed": spec.seed,
-            "checkpoint_every": spec.steps,
+            "checkpoint_every": 1,
             **spec.run.learner,
         }
+        # The learner acknowledges groups only at a checkpoint, and unacknowledged groups count
+        # against the producers' backlog: the backlog must hold the groups of the steps between
+        # checkpoints plus the next step, or the workers block and the learner waits forever.
+        # Two steps ahead of the learner also bounds the policy lag of what is queued.
+        every = int(learner_values["checkpoint_every"])
+        backlog = spec.questions_per_step * (every + 2)
+        learner_values["queue"] = {**queue_env, "max_backlog": backlog}
         self._say("starting learner and rollout workers ...")
         learner = self.start("learner", "learner", settings_env("AXPO_LEARNER_", learner_values))
         workers = []
@@ -285,7 +292,7 @@ class Launcher:
             values = {
                 "job_spec": str(self.spec_path.resolve()),
                 "tokenizer": str(model.resolve()),
-                "queue": queue_env,
+                "queue": {**queue_env, "max_backlog": backlog},
                 "inference": target(inference, 600.0),
                 "tools": target(tools, 120.0),
                 "verifier": target(verifier, 120.0),

@@ -170,6 +170,22 @@ class LearnerLoop:
         else:
             self.questions_per_step = settings.questions_per_step
             self.max_steps = settings.max_steps
+        backlog = queue.settings.max_backlog
+        every = settings.checkpoint_every
+        if self.max_steps:
+            every = min(every, self.max_steps)  # the last step is always checkpointed
+        if settings.checkpoint_dir and backlog and backlog < self.questions_per_step * every:
+            # Groups are acknowledged only at a checkpoint and unacknowledged groups fill the
+            # producers' backlog: producers that respect it block, and the learner waits for
+            # groups they cannot put (unless a stop request ends the step first).
+            log.warning(
+                "queue.max_backlog %d < questions_per_step %d x steps between checkpoints %d: "
+                "rollout workers will block before the next checkpoint and the learner will "
+                "wait for groups they cannot put; raise max_backlog or checkpoint more often",
+                backlog,
+                self.questions_per_step,
+                every,
+            )
         self.settings = settings
         self.queue = queue
         self.trainer = trainer
