@@ -18,7 +18,7 @@ What it does, in order:
    then SIGKILL after a grace period), stops Redis, writes ``report.md`` with plots.
 
 Ctrl-C (SIGINT) or SIGTERM at any point stops every process the same way and exits 130/143;
-children also get SIGTERM from the kernel if the launcher itself dies (``PR_SET_PDEATHSIG``),
+children also get SIGKILL from the kernel if the launcher itself dies (``PR_SET_PDEATHSIG``),
 so no process outlives a run. A child that exits early fails the run with the tail of its log.
 """
 
@@ -58,7 +58,8 @@ class Interrupted(Exception):
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        # SIGKILL: a child still starting up (vLLM loading) may ignore or defer SIGTERM.
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     os.setpgid(0, 0)  # own process group: a terminal Ctrl-C reaches only the launcher
 
 
@@ -383,7 +384,14 @@ class Launcher:
                 rc = learner.proc.poll()
                 if rc is not None:
                     offset = _read_records(metrics_path, offset, records, show.update)
-                    if rc != 0 or len(records) < spec.steps:
+                    if rc != 0 and len(records) >= spec.steps:
+                        # Every step is trained, checkpointed and recorded; a crash while the
+                        # interpreter tears down must not throw the run away, but is reported.
+                        self._say(
+                            f"warning: the learner exited with code {rc} after its last step; "
+                            f"see {learner.log_path}"
+                        )
+                    elif rc != 0 or len(records) < spec.steps:
                         raise RunError(
                             f"learner exited with code {rc} after {len(records)} of "
                             f"{spec.steps} steps; last lines of {learner.log_path}:\n"
