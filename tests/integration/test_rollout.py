@@ -177,6 +177,11 @@ def _train(
     )
     trainer = RecordingTrainer(learner_settings, spec.algorithm)
     trainer.steps_groups = []
+    # The engine is shared by the tests: serve the warm-started weights again, at a version
+    # above whatever an earlier test published, and start the learner from that version.
+    start_version = services.engine.policy_version + 1
+    services.engine.load_weights_from_path(spec.model, start_version)
+    trainer.policy_version = start_version
     publisher = PathPublisher(
         [RpcClientSettings(target=services.inference, deadline_s=300)], tmp / "publish"
     )
@@ -259,13 +264,16 @@ def _recount(groups: list[Group], version: int) -> dict[str, float]:
 
 
 def _check_common(
-    records: list[dict[str, float]], steps_groups: list[list[Group]], produced: list[Group]
+    records: list[dict[str, float]],
+    steps_groups: list[list[Group]],
+    produced: list[Group],
+    start: int,
 ) -> None:
     # Groups reached the learner: every trained group was produced by the worker.
     produced_ids = {g.group_id for g in produced}
     for step, (record, groups) in enumerate(zip(records, steps_groups, strict=True)):
         assert {g.group_id for g in groups} <= produced_ids
-        recount = _recount(groups, version=step)
+        recount = _recount(groups, version=start + step)
         for key, value in recount.items():
             assert record[key] == pytest.approx(value), (step, key)
     # Weights were published and picked up: the worker (one question in flight, at most two
@@ -277,17 +285,18 @@ def _check_common(
         for seg in t.segments
         if seg.kind in (SegmentKind.THINK, SegmentKind.TOOL_CALL, SegmentKind.ANSWER)
     }
-    assert max(versions) >= 1, versions
+    assert max(versions) >= start + 1, versions
     assert all(r["policy_lag_max"] <= 2 for r in records)
-    assert records[-1]["policy_version"] == len(records)
+    assert records[-1]["policy_version"] == start + len(records)
 
 
 def test_grpo_steps_never_resample(
     services: Services, redis_url: str, tmp_path: Path, model_dir: Path
 ) -> None:
     spec = _job("it-grpo", "grpo", model_dir)
+    start = services.engine.policy_version + 1
     records, steps_groups, produced = _train(spec, services, redis_url, tmp_path)
-    _check_common(records, steps_groups, produced)
+    _check_common(records, steps_groups, produced, start)
     assert not any(t.resampled_from for g in produced for t in g.trajectories)
     assert all(r["resampled_rollouts"] == 0 for r in records)
 
@@ -296,8 +305,9 @@ def test_axpo_resamples_exactly_when_its_condition_holds(
     services: Services, redis_url: str, tmp_path: Path, model_dir: Path
 ) -> None:
     spec = _job("it-axpo", "axpo", model_dir)
+    start = services.engine.policy_version + 1
     records, steps_groups, produced = _train(spec, services, redis_url, tmp_path)
-    _check_common(records, steps_groups, produced)
+    _check_common(records, steps_groups, produced, start)
     tool_rollouts = sum(bool(t.tool_calls) for g in produced for t in g.trajectories)
     assert tool_rollouts > 0, "the warm-started model never called the tool"
     triggered = 0
