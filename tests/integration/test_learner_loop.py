@@ -160,8 +160,10 @@ def test_stop_request_ends_the_loop_and_checkpoints_what_it_trained(
     assert not thread.is_alive()
     assert loop.trainer.step == 1
     assert _chain(tmp_path / "ckpt") == ids[:2]  # checkpointed on stop, then acked
+    # The third group is neither trained nor acknowledged: still queued, or taken for the
+    # interrupted step (whether the stop came before or after that take is a race).
     assert q.backlog() == 1
-    assert q.pending() == 1
+    assert q.pending() in (0, 1)
 
 
 def _spoil(group: Group, **changes) -> Group:
