@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from axpo.algorithm import needs_resampling
 from axpo.domain import Group, SegmentKind, ToolErrorKind, ToolInvocation, Trajectory
 
 TIME_PHASES: tuple[tuple[str, str], ...] = (
@@ -158,8 +159,7 @@ def step_diagnostics(groups: Sequence[Group], *, learner_version: int) -> dict[s
     resampled_groups = 0
     subgroups: dict[tuple[int, str], bool] = {}
     for gi, g in enumerate(groups):
-        tool_originals = [t for t in g.trajectories if not t.resampled_from and t.uses_tools]
-        if tool_originals and not any(_correct(t) for t in tool_originals):
+        if needs_resampling(g.trajectories):  # AXPO's own condition: one definition
             all_wrong += 1
         group_resamples = [t for t in g.trajectories if t.resampled_from]
         if group_resamples:

@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -363,7 +363,6 @@ class Launcher:
         backlog = spec.run.max_prompt_backlog or 2 * spec.questions_per_step
         fed = 0
         records: list[dict[str, Any]] = []
-        offset = 0
         show = _Progress(spec, self.out, enabled=progress)
         try:
             while True:
@@ -380,10 +379,10 @@ class Launcher:
                     ]
                     queue.put_prompts(tasks)
                     fed += len(tasks)
-                offset = _read_records(metrics_path, offset, records, show.update)
+                records = self._new_records(metrics_path, records, show)
                 rc = learner.proc.poll()
                 if rc is not None:
-                    offset = _read_records(metrics_path, offset, records, show.update)
+                    records = self._new_records(metrics_path, records, show)
                     if rc != 0 and len(records) >= spec.steps:
                         # Every step is trained, checkpointed and recorded; a crash while the
                         # interpreter tears down must not throw the run away, but is reported.
@@ -409,6 +408,21 @@ class Launcher:
         finally:
             show.close()
 
+    @staticmethod
+    def _new_records(
+        path: Path, seen: list[dict[str, Any]], show: _Progress
+    ) -> list[dict[str, Any]]:
+        """The learner's records so far (``axpo.report.load_metrics``: a torn last line is
+        skipped); each new one goes to the progress display."""
+        from axpo.report import load_metrics
+
+        if not path.exists():
+            return seen
+        records = load_metrics(path)
+        for record in records[len(seen) :]:
+            show.update(record)
+        return records
+
     def _report(self) -> Path:
         from axpo.report import write_report
 
@@ -426,27 +440,6 @@ def _check_call(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RunError(f"{' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
-def _read_records(
-    path: Path,
-    offset: int,
-    records: list[dict[str, Any]],
-    on_record: Callable[[dict[str, Any]], None],
-) -> int:
-    """Append the complete new lines of ``path`` (from byte ``offset``) to ``records``."""
-    if not path.exists():
-        return offset
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    for line in data[:end].splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records.append(record)
-            on_record(record)
-    return offset + end
 
 
 class _Progress:

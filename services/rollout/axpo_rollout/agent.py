@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -419,14 +419,12 @@ class AgentLoop:
     def _branch(
         self, base: RolloutState, samples: Sequence[Sample], timings: Timings
     ) -> list[RolloutState]:
-        """One rollout per sample continuing ``base``, run concurrently on the pool."""
-        futures = []
-        for sample in samples:
-            state = base.copy()
-            if self.add_turn(state, sample):
-                futures.append(self.pool.submit(self.continue_rollout, state, timings))
-            else:
-                futures.append(_done(state))
+        """One rollout per sample continuing ``base``, run concurrently on the pool (a rollout
+        the sampled turn already finished comes straight back)."""
+        states = [base.copy() for _ in samples]
+        for state, sample in zip(states, samples, strict=True):
+            self.add_turn(state, sample)
+        futures = [self.pool.submit(self.continue_rollout, s, timings) for s in states]
         return [f.result() for f in futures]
 
     def score(self, states: Sequence[RolloutState], task: Task, timings: Timings) -> list[Reward]:
@@ -546,12 +544,6 @@ class AgentLoop:
         finally:
             timings.add("generate_s", time.perf_counter() - t0)
         return self._branch(frozen, samples, timings)
-
-
-def _done(state: RolloutState) -> Future[RolloutState]:
-    f: Future[RolloutState] = Future()
-    f.set_result(state)
-    return f
 
 
 def _trajectory(tid: str, state: RolloutState, reward: Reward) -> Trajectory:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -72,11 +73,7 @@ class GrpcBackend:
             images=[convert.image_to_proto(i) for i in images],
             sampling=convert.sampling_params_to_proto(sampling),
         )
-        try:
-            reply = self.inference.Generate(request)
-        except grpc.RpcError as exc:
-            raise _too_long(exc) from exc
-        return [convert.sample_from_proto(s) for s in reply.samples]
+        return _samples(self.inference.Generate, request)
 
     def resume(
         self,
@@ -92,11 +89,7 @@ class GrpcBackend:
             images=[convert.image_to_proto(i) for i in images],
             sampling=convert.sampling_params_to_proto(sampling),
         )
-        try:
-            reply = self.inference.ResumeFromPrefix(request)
-        except grpc.RpcError as exc:
-            raise _too_long(exc) from exc
-        return [convert.sample_from_proto(s) for s in reply.samples]
+        return _samples(self.inference.ResumeFromPrefix, request)
 
     def call_tool(self, call: ToolCall, images: Sequence[Image], timeout_s: float) -> ToolResult:
         request = tools_pb2.CallRequest(
@@ -127,6 +120,15 @@ class GrpcBackend:
         if missing:
             raise RuntimeError(f"verifier returned no score for items {missing}")
         return [by_id[i.item_id] for i in items]
+
+
+def _samples(rpc: Any, request: Any) -> list[Sample]:
+    """Call Generate or ResumeFromPrefix; a prompt over the context is PromptTooLongError."""
+    try:
+        reply = rpc(request)
+    except grpc.RpcError as exc:
+        raise _too_long(exc) from exc
+    return [convert.sample_from_proto(s) for s in reply.samples]
 
 
 def _too_long(exc: grpc.RpcError) -> Exception:
