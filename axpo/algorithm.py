@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from axpo.domain import Group, SegmentKind, Trajectory
+from axpo.domain import Group, Segment, SegmentKind, Trajectory
 
 if TYPE_CHECKING:
     import torch
@@ -247,24 +247,54 @@ def prefix_candidates(
     for i, t in enumerate(trajectories):
         if not is_original(t) or not t.uses_tools:
             continue
-        calls = [
-            seg
-            for seg in t.segments
-            if seg.kind == SegmentKind.TOOL_CALL
-            and seg.end > seg.start >= t.prompt_length
-            and t.loss_mask[seg.start]
-        ]
-        for seg in calls[:1] if anchor == "first" else calls:
-            out.append(
-                PrefixCandidate(
-                    i,
-                    t.trajectory_id,
-                    seg.start,
-                    seg.end,
-                    uncertainty_score(t, seg.start, seg.end, score),
-                )
-            )
+        calls = _model_tool_calls(t)
+        out += [_candidate(i, t, seg, score) for seg in (calls[:1] if anchor == "first" else calls)]
     return out
+
+
+def _model_tool_calls(t: Trajectory) -> list[Segment]:
+    """The ``TOOL_CALL`` segments after the prompt that the model wrote (first token trained)."""
+    return [
+        seg
+        for seg in t.segments
+        if seg.kind == SegmentKind.TOOL_CALL
+        and seg.end > seg.start >= t.prompt_length
+        and t.loss_mask[seg.start]
+    ]
+
+
+def _candidate(i: int, t: Trajectory, seg: Segment, score: Uncertainty) -> PrefixCandidate:
+    return PrefixCandidate(
+        i, t.trajectory_id, seg.start, seg.end, uncertainty_score(t, seg.start, seg.end, score)
+    )
+
+
+def speculative_prefixes(
+    first_turns: Sequence[Trajectory],
+    callers: Sequence[bool],
+    *,
+    score: Uncertainty = "mean_entropy",
+    rho: float = 0.25,
+) -> list[PrefixCandidate]:
+    """The prefixes AXPO will keep (with ``anchor="first"``) *if* its condition turns out to
+    hold, known as soon as the first assistant turn of every original rollout is sampled.
+
+    ``first_turns[i]`` is original rollout ``i`` cut after its first assistant turn (no
+    reward yet); ``callers[i]`` says that turn ended in a tool call the loop will run, i.e.
+    rollout ``i`` will be a tool user. If the condition holds once the rollouts are scored,
+    the tool users are exactly the callers, each one's first call is the one that turn wrote
+    (same tokens, same entropies), so ``select_prefixes(prefix_candidates(...), rho)`` returns
+    these very candidates, in this order. The rollout loop uses this to start resampling
+    while the originals still run, and keeps the result only if the condition holds
+    (DESIGN.md section 1 unchanged: what is sampled is the same, only earlier)."""
+    if len(first_turns) != len(callers):
+        raise ValueError(f"{len(first_turns)} first turns but {len(callers)} caller flags")
+    out: list[PrefixCandidate] = []
+    for i, (t, calls) in enumerate(zip(first_turns, callers, strict=True)):
+        spans = _model_tool_calls(t) if calls and is_original(t) else []
+        if spans:
+            out.append(_candidate(i, t, spans[0], score))
+    return select_prefixes(out, rho)
 
 
 def select_prefixes(candidates: Sequence[PrefixCandidate], rho: float) -> list[PrefixCandidate]:

@@ -500,6 +500,13 @@ class AlgorithmSpec(BaseModel):
     """Normalize advantages over the group plus resamples, or per shared prefix."""
     mask_frozen_prefix: bool = True
     """Exclude the frozen prefix of resampled rollouts from the loss."""
+    speculative_resampling: bool = True
+    """Start AXPO's resamples as soon as the first turns are sampled (they depend only on the
+    frozen prefixes, known then), while the original rollouts still run, and keep them only
+    if the condition holds once those are scored; cancel them as soon as a tool user is
+    correct. Same samples, shorter group latency, some discarded work. Applies with
+    ``tool_call_anchor: first`` (later calls are not known early); false: resample after
+    scoring, strictly in sequence."""
 
 
 class RewardSpec(BaseModel):
@@ -565,7 +572,20 @@ class RolloutSpec(BaseModel):
     tool_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     """Deadline of one tool call."""
     inflight_questions: Annotated[int, Field(ge=1)] = 4
-    """Questions one rollout worker works on at once (their generations batch in vLLM)."""
+    """Questions one rollout worker samples at once (their generations batch in vLLM). A group
+    waiting only on its AXPO resamples gives its place to the next question (see
+    ``resampling_questions``)."""
+    resampling_questions: Annotated[int, Field(ge=0)] | None = None
+    """Groups that may wait on their AXPO resamples on top of ``inflight_questions`` (their
+    resumes batch with the new questions' generations, so resampling does not stall the
+    worker). Unset: as many as ``inflight_questions``; 0: a group keeps its place until done."""
+
+    def resampling_slots(self) -> int:
+        return (
+            self.inflight_questions
+            if self.resampling_questions is None
+            else self.resampling_questions
+        )
 
 
 class RunSpec(BaseModel):

@@ -25,6 +25,10 @@ KEYS = {
     "grpo_step_s",
     "axpo_step_s",
     "axpo_vs_grpo_ratio",
+    "axpo_sequential_step_s",
+    "axpo_sequential_vs_grpo_ratio",
+    "speculative_resumes",
+    "speculative_waste_share",
     "trajectories_per_s",
     "axpo_trajectories_per_s",
     "tool_call_rate",
@@ -41,6 +45,7 @@ SHARES = (
     "loop_overhead_share_simple",
     "first_turns_identical_share",
     "originals_identical_share",
+    "speculative_waste_share",
 )
 
 
@@ -63,6 +68,9 @@ def test_bench_rollout_prints_every_figure():
     for key in ("grpo_step_s", "axpo_step_s", "trajectories_per_s", "axpo_trajectories_per_s"):
         assert result[key] > 0, key
     assert result["axpo_vs_grpo_ratio"] > 0
+    assert result["axpo_sequential_step_s"] > 0
+    spec = result["speculative_resumes"]
+    assert spec["used"] + spec["cancelled"] <= spec["launched"]
     for key in SHARES:
         assert 0.0 <= result[key] <= 1.0, key
     assert set(result["definitions"]) >= {"grpo_step_s", "axpo_step_s", "loop_overhead_share"}

@@ -295,6 +295,40 @@ def test_bad_requests_are_refused_naming_the_field(stub: Any, processor: Any) ->
     assert len(resp.samples[0].token_ids) == 4
 
 
+def test_a_cancelled_call_is_aborted_in_vllm(
+    stub: Any, engine: InferenceEngine, processor: Any
+) -> None:
+    # A speculative AXPO resample that is no longer needed: the client cancels the call and
+    # the engine must stop generating for it (not run its tokens for nobody).
+    ids = _ids(processor, ONE_IMAGE)
+    room = engine.max_model_len - stub.Generate(_gen(ids, [IMG_A], max_tokens=1)).prompt_tokens
+    request = _gen(ids, [IMG_A], n=16, temperature=1.0, max_tokens=room - 1, seed=3)
+    call = stub.ResumeFromPrefix.future(
+        inference_pb2.ResumeFromPrefixRequest(
+            request_id="speculative-1",
+            prompt_token_ids=request.prompt_token_ids[:-2],
+            prefix_token_ids=request.prompt_token_ids[-2:],
+            images=request.images,
+            sampling=request.sampling,
+        )
+    )
+    deadline = time.monotonic() + 60
+    while engine.status().queue_depth == 0:  # admitted by vLLM
+        assert time.monotonic() < deadline, "the request never reached the engine"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert call.cancel()
+    cancelled_at = time.monotonic()
+    # 16 x ~900 tokens take several seconds here; aborted, they stop within an engine step.
+    while engine.status().queue_depth > 0:
+        assert time.monotonic() - cancelled_at < 1.0, "vLLM still runs the cancelled request"
+        time.sleep(0.01)
+    with pytest.raises(grpc.FutureCancelledError):
+        call.result()
+    resp = stub.Generate(_gen(ids, [IMG_A]))  # the service goes on
+    assert len(resp.samples[0].token_ids) == 4
+
+
 def test_status(stub: Any, engine: InferenceEngine) -> None:
     st = stub.Status(inference_pb2.InferenceServiceStatusRequest())
     assert st.backend in ("vllm-cpu", "vllm")

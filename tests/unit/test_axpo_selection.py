@@ -166,3 +166,51 @@ def test_resample_counts(kept: int, group_size: int, k: int | None, expected: li
 def test_select_prefixes_rejects_bad_rho() -> None:
     with pytest.raises(ValueError, match="rho"):
         alg.select_prefixes([], 0.0)
+
+
+def _first_turn(t: Trajectory) -> Trajectory:
+    """``t`` cut after its first assistant turn (up to the end of its first call, or whole
+    when it called no tool), without reward or invocations, as the rollout loop has it then."""
+    call = next((s for s in t.segments if s.kind == SegmentKind.TOOL_CALL), None)
+    end = call.end if call else len(t.token_ids)
+    segs = tuple(s for s in t.segments if s.start < end)
+    return Trajectory(
+        trajectory_id=t.trajectory_id,
+        token_ids=t.token_ids[:end],
+        loss_mask=t.loss_mask[:end],
+        logprobs=t.logprobs[:end],
+        entropies=t.entropies[:end],
+        segments=segs,
+        prompt_length=t.prompt_length,
+    )
+
+
+@pytest.mark.parametrize("rho", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("score", ["mean_entropy", "first_token_entropy", "neg_mean_logprob"])
+def test_speculative_prefixes_are_the_ones_kept_once_the_condition_holds(
+    rho: float, score: alg.Uncertainty
+) -> None:
+    group = [
+        rollout("a", False, [(0.5, 0.9), (2.0, 2.0)]),
+        rollout("b", False),
+        rollout("c", False, [(1.5, 0.1)]),
+        rollout("d", True),
+        rollout("e", False, [(0.7, 0.7)], logprob=-2.0),
+        rollout("f", False, [(0.7, 0.7)]),
+    ]
+    assert alg.needs_resampling(group)
+    callers = [bool(t.tool_calls) for t in group]
+    early = alg.speculative_prefixes([_first_turn(t) for t in group], callers, score=score, rho=rho)
+    final = alg.select_prefixes(alg.prefix_candidates(group, anchor="first", score=score), rho)
+    assert early == final
+    assert len(early) == max(1, int(rho * 4))
+
+
+def test_speculative_prefixes_skip_rollouts_that_will_not_call() -> None:
+    # Rollout "a" wrote a call its turn cannot run (cut by a budget): not a caller, no candidate.
+    group = [rollout("a", False, [(3.0,)]), rollout("b", False, [(1.0,)])]
+    early = alg.speculative_prefixes([_first_turn(t) for t in group], [False, True], rho=1.0)
+    assert [c.trajectory_id for c in early] == ["b"]
+    assert alg.speculative_prefixes([_first_turn(t) for t in group], [False, False]) == []
+    with pytest.raises(ValueError, match="2 first turns but 1 caller"):
+        alg.speculative_prefixes([_first_turn(t) for t in group], [True])

@@ -664,6 +664,23 @@ class InferenceEngine:
         request_id: str = "",
     ) -> GenerationResult:
         """Like :meth:`generate` (or a resume when ``prefix_ids``), with prompt statistics."""
+        return self.submit(
+            prompt_ids, images, params, prefix_ids=prefix_ids, request_id=request_id
+        ).result()
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        images: Sequence[Image],
+        params: SamplingParams,
+        *,
+        prefix_ids: Sequence[int] = (),
+        request_id: str = "",
+    ) -> Future[GenerationResult]:
+        """:meth:`generate_full` without waiting. A bad request raises here, at once.
+        Cancelling the future aborts the request in vLLM (its sequences stop at the next
+        engine step and free their KV blocks): the gRPC front cancels it when the client
+        goes away (a speculative AXPO resample that is no longer needed)."""
         ids, pil_images = self._prepare(prompt_ids, prefix_ids, images, params)
         try:  # vLLM's own checks, before the request is queued
             self._vllm_params(params if params.temperature > 0 else replace(params, n=1))
@@ -672,7 +689,9 @@ class InferenceEngine:
         if self._closed:
             raise EngineDeadError("engine is closed")
         rid = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
-        return self._call(self._generate(ids, pil_images, images, params, rid))
+        return asyncio.run_coroutine_threadsafe(
+            self._generate(ids, pil_images, images, params, rid), self._loop
+        )
 
     def _vllm_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VllmSamplingParams

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,16 +68,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 f"sampling.top_p: {sampling.top_p} outside (0, 1] (0 means 1.0)",
             )
         params = convert.sampling_params_from_proto(sampling)
-        return self._guard(
-            context,
-            lambda: self._engine.generate_full(
+
+        def run() -> GenerationResult:
+            future = self._engine.submit(
                 prompt,
                 [convert.image_from_proto(i) for i in images],
                 params,
                 prefix_ids=prefix,
                 request_id=request_id,
-            ),
-        )
+            )
+            # Called when the RPC ends, also when the client cancels it or its deadline
+            # passes: the request is then aborted in vLLM instead of running on for nobody.
+            context.add_callback(future.cancel)
+            return future.result()
+
+        try:
+            return self._guard(context, run)
+        except CancelledError:
+            context.abort(grpc.StatusCode.CANCELLED, f"request {request_id}: cancelled")
+            raise AssertionError("unreachable") from None
 
     def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext

@@ -34,6 +34,20 @@ vLLM; tool calls overlap with other rollouts' generations). Then one batched Sco
 ``rho`` by uncertainty, and for each kept prefix one ``ResumeFromPrefix`` with ``n=K`` whose
 continuations run the same loop; the frozen prefix (tokens, logprobs, entropies, segments,
 tool calls and images before the anchor call) is copied verbatim from the original.
+
+**Speculative resampling** (``algorithm.speculative_resampling``, default on, with
+``tool_call_anchor: first``). The prefixes AXPO would keep depend only on the first turns
+(:func:`axpo.algorithm.speculative_prefixes`): the tool users are the rollouts whose first turn
+called a tool, and the uncertainty is measured on that call. So the loop starts those
+``ResumeFromPrefix`` calls right after the first turn, while the originals still run; it
+scores each tool-using original as soon as it finishes, and the moment one is correct (the
+condition cannot hold) it cancels them (:class:`CancelToken`: the gRPC call is cancelled and
+the inference service aborts the vLLM request; a continuation stops before its next turn).
+If the condition holds once every original is scored, the speculative resamples are exactly
+the ones the sequential order would have asked for (same prefixes, same counts), only
+started earlier; a kept prefix without one (never, with ``anchor: first``) is resumed then.
+A group's latency becomes about max(original, first turn + resample) instead of their sum.
+:attr:`AgentLoop.speculation` counts launched, used and cancelled resumes.
 """
 
 from __future__ import annotations
@@ -42,8 +56,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,11 +88,56 @@ from axpo.tasks import Task
 # --------------------------------------------------------------------------- backend
 
 
+class Cancelled(Exception):
+    """A generation the loop no longer needs was cancelled (raised by a Backend or the loop)."""
+
+
+class CancelToken:
+    """Cancels a speculative branch once: :meth:`cancel` runs every registered callback (a
+    Backend registers the cancellation of its in-flight call); a callback registered after
+    the fact runs at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._callbacks: list[Callable[[], object]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
+
+    def on_cancel(self, fn: Callable[[], object]) -> None:
+        with self._lock:
+            if not self._cancelled:
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    def check(self) -> None:
+        if self._cancelled:
+            raise Cancelled("speculative resample cancelled: a tool-using rollout is correct")
+
+
 class Backend(Protocol):
-    """What the loop needs from the services."""
+    """What the loop needs from the services. ``cancel``: when given and cancelled while the
+    call is in flight, the call stops early and raises :class:`Cancelled`."""
 
     def generate(
-        self, prompt: Sequence[int], images: Sequence[Image], sampling: SamplingParams
+        self,
+        prompt: Sequence[int],
+        images: Sequence[Image],
+        sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Sample]: ...
 
     def resume(
@@ -87,6 +146,8 @@ class Backend(Protocol):
         prefix: Sequence[int],
         images: Sequence[Image],
         sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Sample]: ...
 
     def call_tool(
@@ -150,6 +211,26 @@ class Timings:
     def add(self, name: str, seconds: float) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + seconds)
+
+    def merge(self, other: Timings) -> None:
+        for name in ("generate_s", "tools_s", "verify_s"):
+            self.add(name, getattr(other, name))
+
+
+@dataclass
+class SpeculationCounters:
+    """Speculative AXPO resumes (one per kept prefix): started, kept in a group, cancelled."""
+
+    launched: int = 0
+    used: int = 0
+    cancelled: int = 0
+
+
+@dataclass
+class _Speculation:
+    future: Future[list[RolloutState]]
+    token: CancelToken
+    timings: Timings
 
 
 @dataclass
@@ -271,6 +352,10 @@ class AgentLoop:
             for t in self.tools
         ]
         self.pool = pool or ThreadPoolExecutor(max_workers=64, thread_name_prefix="rollout")
+        # Resume calls wait on continuations in ``pool``: they get threads of their own.
+        self._resumers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="resume")
+        self.speculation = SpeculationCounters()
+        self._spec_lock = threading.Lock()
         self._seed = seed
         self._delta_cache: dict[tuple[str, int], list[int]] = {}
 
@@ -393,9 +478,14 @@ class AgentLoop:
             state.truncated = True
             state.done = True
 
-    def continue_rollout(self, state: RolloutState, timings: Timings) -> RolloutState:
-        """Run tools and further turns until the rollout ends (state has at least one turn)."""
+    def continue_rollout(
+        self, state: RolloutState, timings: Timings, cancel: CancelToken | None = None
+    ) -> RolloutState:
+        """Run tools and further turns until the rollout ends (state has at least one turn);
+        raises :class:`Cancelled` when ``cancel`` fires."""
         while not state.done:
+            if cancel is not None:
+                cancel.check()
             self.run_tool_turn(state, timings)
             if state.done:
                 break
@@ -406,7 +496,7 @@ class AgentLoop:
             t0 = time.perf_counter()
             try:
                 [sample] = self.backend.generate(
-                    state.tokens, state.images, self.sampling(1, budget)
+                    state.tokens, state.images, self.sampling(1, budget), cancel=cancel
                 )
             except PromptTooLongError:
                 state.truncated = state.done = True
@@ -416,15 +506,25 @@ class AgentLoop:
             self.add_turn(state, sample)
         return state
 
+    def _first_turns(
+        self, base: RolloutState, samples: Sequence[Sample]
+    ) -> tuple[list[RolloutState], list[bool]]:
+        """One rollout per sample continuing ``base``, and whether its turn called a tool."""
+        states = [base.copy() for _ in samples]
+        calls = [self.add_turn(s, sample) for s, sample in zip(states, samples, strict=True)]
+        return states, calls
+
     def _branch(
-        self, base: RolloutState, samples: Sequence[Sample], timings: Timings
+        self,
+        base: RolloutState,
+        samples: Sequence[Sample],
+        timings: Timings,
+        cancel: CancelToken | None = None,
     ) -> list[RolloutState]:
         """One rollout per sample continuing ``base``, run concurrently on the pool (a rollout
         the sampled turn already finished comes straight back)."""
-        states = [base.copy() for _ in samples]
-        for state, sample in zip(states, samples, strict=True):
-            self.add_turn(state, sample)
-        futures = [self.pool.submit(self.continue_rollout, s, timings) for s in states]
+        states, _ = self._first_turns(base, samples)
+        futures = [self.pool.submit(self.continue_rollout, s, timings, cancel) for s in states]
         return [f.result() for f in futures]
 
     def score(self, states: Sequence[RolloutState], task: Task, timings: Timings) -> list[Reward]:
@@ -447,8 +547,16 @@ class AgentLoop:
 
     # ------------------------------------------------------------------- a group
 
-    def run_group(self, task: Task, *, group_id: str = "") -> Group:
-        """Sample, score and (AXPO) resample one question's group."""
+    def run_group(
+        self,
+        task: Task,
+        *,
+        group_id: str = "",
+        on_resampling: Callable[[], object] | None = None,
+    ) -> Group:
+        """Sample, score and (AXPO) resample one question's group. ``on_resampling`` is called
+        once the originals are scored, when all that is left is waiting on resamples (a
+        worker then lets the next question start)."""
         started = time.perf_counter()
         timings = Timings()
         alg = self.spec.algorithm
@@ -459,15 +567,26 @@ class AgentLoop:
             base.tokens, base.images, self.sampling(alg.group_size, self._budget(base))
         )
         timings.add("generate_s", time.perf_counter() - t0)
-        states = self._branch(base, first, timings)
-        rewards = self.score(states, task, timings)
+        states, callers = self._first_turns(base, first)
+        speculative: dict[tuple[int, int, int], _Speculation] = {}
+        if alg.name == "axpo" and alg.speculative_resampling and alg.tool_call_anchor == "first":
+            speculative = self._speculate(group_id, states, callers)
+        futures = [self.pool.submit(self.continue_rollout, s, timings) for s in states]
+        try:
+            rewards = self._score_originals(futures, callers, task, timings, speculative)
+        except BaseException:
+            self._cancel(speculative.values())
+            raise
         trajectories = [
-            _trajectory(f"{group_id}-{i}", s, r)
-            for i, (s, r) in enumerate(zip(states, rewards, strict=True))
+            _trajectory(f"{group_id}-{i}", f.result(), r)
+            for i, (f, r) in enumerate(zip(futures, rewards, strict=True))
         ]
         images = {img.sha256: img for s in states for img in s.images}
         if alg.name == "axpo":
-            for traj, state in self._resample(task, group_id, states, trajectories, timings):
+            resampled = self._resample(
+                task, group_id, states, trajectories, timings, speculative, on_resampling
+            )
+            for traj, state in resampled:
                 trajectories.append(traj)
                 images.update((img.sha256, img) for img in state.images)
         versions = [
@@ -493,6 +612,63 @@ class AgentLoop:
             timings=tuple(sorted(timings_out.items())),
         )
 
+    def _speculate(
+        self, group_id: str, states: Sequence[RolloutState], callers: Sequence[bool]
+    ) -> dict[tuple[int, int, int], _Speculation]:
+        """Start the resumes AXPO will want if its condition holds (module docstring), keyed by
+        (rollout, prefix length, resamples). Call before the originals continue: the frozen
+        prefixes are copied from their first-turn states here."""
+        alg = self.spec.algorithm
+        partial = [_trajectory(f"{group_id}-{i}", s, None) for i, s in enumerate(states)]
+        kept = algorithm.speculative_prefixes(partial, callers, score=alg.uncertainty, rho=alg.rho)
+        counts = algorithm.resample_counts(len(kept), alg.group_size, alg.resamples_per_prefix)
+        out: dict[tuple[int, int, int], _Speculation] = {}
+        for cand, k in zip(kept, counts, strict=True):
+            frozen = states[cand.trajectory_index].prefix(cand.prefix_length, self.vocab)
+            token, timings = CancelToken(), Timings()
+            future = self._resumers.submit(self._resume, frozen, k, timings, token)
+            out[(cand.trajectory_index, cand.prefix_length, k)] = _Speculation(
+                future, token, timings
+            )
+        with self._spec_lock:
+            self.speculation.launched += len(out)
+        return out
+
+    def _cancel(self, speculations: Iterable[_Speculation]) -> None:
+        n = 0
+        for s in speculations:
+            if not s.token.cancelled:
+                s.token.cancel()
+                n += 1
+        with self._spec_lock:
+            self.speculation.cancelled += n
+
+    def _score_originals(
+        self,
+        futures: Sequence[Future[RolloutState]],
+        callers: Sequence[bool],
+        task: Task,
+        timings: Timings,
+        speculative: dict[tuple[int, int, int], _Speculation],
+    ) -> list[Reward]:
+        """The originals' rewards, in order. With speculative resumes running, each tool user
+        is scored as soon as it finishes and a correct one cancels them; the rest are scored
+        in one batch at the end (without speculation: all in one batch)."""
+        rewards: dict[int, Reward] = {}
+        if speculative:
+            index = {id(f): i for i, f in enumerate(futures)}
+            users = [f for f, c in zip(futures, callers, strict=True) if c]
+            for fut in as_completed(users):
+                [reward] = self.score([fut.result()], task, timings)
+                rewards[index[id(fut)]] = reward
+                if reward.correct:
+                    self._cancel(speculative.values())
+        rest = [i for i in range(len(futures)) if i not in rewards]
+        states = [futures[i].result() for i in rest]
+        if states:
+            rewards.update(zip(rest, self.score(states, task, timings), strict=True))
+        return [rewards[i] for i in range(len(futures))]
+
     def _resample(
         self,
         task: Task,
@@ -500,6 +676,8 @@ class AgentLoop:
         states: Sequence[RolloutState],
         originals: Sequence[Trajectory],
         timings: Timings,
+        speculative: dict[tuple[int, int, int], _Speculation],
+        on_resampling: Callable[[], object] | None = None,
     ) -> list[tuple[Trajectory, RolloutState]]:
         alg = self.spec.algorithm
         candidates = algorithm.prefix_candidates(
@@ -507,17 +685,26 @@ class AgentLoop:
         )
         kept = algorithm.select_prefixes(candidates, alg.rho)
         counts = algorithm.resample_counts(len(kept), alg.group_size, alg.resamples_per_prefix)
-        frozen = [states[c.trajectory_index].prefix(c.prefix_length, self.vocab) for c in kept]
+        pending: list[tuple[algorithm.PrefixCandidate, Future[list[RolloutState]]]] = []
+        used: list[_Speculation] = []
+        for cand, k in zip(kept, counts, strict=True):
+            spec = speculative.pop((cand.trajectory_index, cand.prefix_length, k), None)
+            if spec is not None:
+                used.append(spec)
+                pending.append((cand, spec.future))
+            else:
+                frozen = states[cand.trajectory_index].prefix(cand.prefix_length, self.vocab)
+                pending.append((cand, self._resumers.submit(self._resume, frozen, k, timings)))
+        self._cancel(speculative.values())  # not kept (the condition does not hold)
+        with self._spec_lock:
+            self.speculation.used += len(used)
+        if pending and on_resampling is not None:
+            on_resampling()
         resampled: list[tuple[algorithm.PrefixCandidate, RolloutState]] = []
-        if kept:
-            # Resume calls on threads of their own (each waits on continuations in the pool).
-            with ThreadPoolExecutor(len(kept), thread_name_prefix="resume") as resumers:
-                futures = [
-                    resumers.submit(self._resume, f, k, timings)
-                    for f, k in zip(frozen, counts, strict=True)
-                ]
-                for cand, fut in zip(kept, futures, strict=True):
-                    resampled += [(cand, s) for s in fut.result()]
+        for cand, fut in pending:
+            resampled += [(cand, s) for s in fut.result()]
+        for spec in used:
+            timings.merge(spec.timings)
         out: list[tuple[Trajectory, RolloutState]] = []
         if not resampled:
             return out
@@ -530,20 +717,30 @@ class AgentLoop:
             out.append((traj, state))
         return out
 
-    def _resume(self, frozen: RolloutState, k: int, timings: Timings) -> list[RolloutState]:
+    def _resume(
+        self,
+        frozen: RolloutState,
+        k: int,
+        timings: Timings,
+        cancel: CancelToken | None = None,
+    ) -> list[RolloutState]:
         budget = self._budget(frozen)
         if budget < 1:
             return []
+        if cancel is not None:
+            cancel.check()
         prompt = frozen.tokens[: frozen.prompt_length]
         prefix = frozen.tokens[frozen.prompt_length :]
         t0 = time.perf_counter()
         try:
-            samples = self.backend.resume(prompt, prefix, frozen.images, self.sampling(k, budget))
+            samples = self.backend.resume(
+                prompt, prefix, frozen.images, self.sampling(k, budget), cancel=cancel
+            )
         except PromptTooLongError:
             return []
         finally:
             timings.add("generate_s", time.perf_counter() - t0)
-        return self._branch(frozen, samples, timings)
+        return self._branch(frozen, samples, timings, cancel)
 
 
 def _trajectory(tid: str, state: RolloutState, reward: Reward) -> Trajectory:
@@ -567,8 +764,11 @@ def _trajectory(tid: str, state: RolloutState, reward: Reward) -> Trajectory:
 __all__ = [
     "AgentLoop",
     "Backend",
+    "CancelToken",
+    "Cancelled",
     "PromptTooLongError",
     "RolloutState",
+    "SpeculationCounters",
     "Timings",
     "Vocab",
 ]

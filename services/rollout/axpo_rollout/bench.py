@@ -13,7 +13,8 @@ questions (task seeds ``seed .. seed+questions-1``), ``rollout.inflight_question
 (a thread pool of ``run_group`` calls, as the worker keeps them in flight). One warm-up group
 per loop (task seed ``seed+questions``) runs before timing. AXPO's batch is timed first: GRPO's
 batch then finds the same prompts in vLLM's prefix cache, so the AXPO/GRPO ratio is if
-anything overstated.
+anything overstated. A third batch, AXPO with ``speculative_resampling: false`` (resampling
+after scoring, in sequence), runs last for comparison.
 
 Model: ``--model DIR``; else the job's warm-started tiny model
 (``.cache/models/tiny-qwen3-vl-warm``, built by ``axpo run configs/tiny-cpu-axpo.yaml``) when
@@ -32,7 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ from axpo.domain import (
 )
 from axpo.launcher import Launcher, settings_env
 from axpo.tasks import Task, generate_task
-from axpo_rollout.agent import AgentLoop, Backend, Vocab
+from axpo_rollout.agent import AgentLoop, Backend, CancelToken, Vocab
+from axpo_rollout.worker import QuestionSlots
 
 __all__ = ["DEFINITIONS", "print_table", "run"]
 
@@ -61,10 +63,18 @@ CONFIG = "configs/tiny-cpu-axpo.yaml"
 
 DEFINITIONS = {
     "grpo_step_s": "wall seconds for one batch of `questions` questions through the GRPO loop, "
-    "rollout.inflight_questions groups in flight at a time (after one warm-up group)",
+    "rollout.inflight_questions questions sampling at a time, as a rollout worker places them "
+    "(after one warm-up group)",
     "axpo_step_s": "the same for the AXPO loop (same questions, same sampling seed); timed "
     "before GRPO, so GRPO reuses vLLM's prefix cache of the same prompts",
     "axpo_vs_grpo_ratio": "axpo_step_s / grpo_step_s (floor: <= 1.35)",
+    "axpo_sequential_step_s": "the AXPO loop with algorithm.speculative_resampling off "
+    "(resampling starts after the group is scored), same questions and seed, timed last",
+    "axpo_sequential_vs_grpo_ratio": "axpo_sequential_step_s / grpo_step_s",
+    "speculative_resumes": "AXPO's speculative ResumeFromPrefix calls in the timed batch: "
+    "launched, used (the condition held) and cancelled (a tool user was correct)",
+    "speculative_waste_share": "cancelled / launched speculative resumes: work started for "
+    "groups that turned out not to need it (aborted when the condition failed)",
     "trajectories_per_s": "GRPO trajectories (questions x group_size) / grpo_step_s",
     "axpo_trajectories_per_s": "AXPO trajectories (originals + resampled) / axpo_step_s",
     "tool_call_rate": "share of GRPO's original rollouts with >= 1 tool call (malformed calls "
@@ -116,11 +126,16 @@ class _TimedBackend:
         self.calls = calls
 
     def generate(
-        self, prompt: Sequence[int], images: Sequence[Image], sampling: SamplingParams
+        self,
+        prompt: Sequence[int],
+        images: Sequence[Image],
+        sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Sample]:
         t0 = time.perf_counter()
         try:
-            return self.inner.generate(prompt, images, sampling)
+            return self.inner.generate(prompt, images, sampling, cancel=cancel)
         finally:
             self.calls.add(self.calls.key_for(images), t0, time.perf_counter())
 
@@ -130,10 +145,12 @@ class _TimedBackend:
         prefix: Sequence[int],
         images: Sequence[Image],
         sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Sample]:
         t0 = time.perf_counter()
         try:
-            return self.inner.resume(prompt, prefix, images, sampling)
+            return self.inner.resume(prompt, prefix, images, sampling, cancel=cancel)
         finally:
             self.calls.add(self.calls.key_for(images), t0, time.perf_counter())
 
@@ -175,21 +192,29 @@ class _Batch:
 def _run_batch(
     loop: AgentLoop, tasks: Sequence[Task], calls: _Calls, label: str, inflight: int
 ) -> _Batch:
+    """``tasks`` through ``loop`` with a rollout worker's places (QuestionSlots: ``inflight``
+    sampling, the job's ``resampling_questions`` more waiting on resamples), in order."""
     windows: dict[str, tuple[float, float]] = {}
+    slots = QuestionSlots(inflight, loop.spec.rollout.resampling_slots())
+    order = threading.Lock()
 
     def one(task: Task) -> Group:
         key = f"{label}-{task.task_id}"
         calls.by_image[task.image.sha256] = key
         calls.local.key = key
+        with order:  # questions take places in task order
+            ticket = slots.start()
+        assert ticket is not None
         t0 = time.perf_counter()
         try:
-            return loop.run_group(task, group_id=key)
+            return loop.run_group(task, group_id=key, on_resampling=ticket.resampling)
         finally:
+            ticket.done()
             windows[key] = (t0, time.perf_counter())
             calls.local.key = None
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(inflight, thread_name_prefix=f"bench-{label}") as pool:
+    with ThreadPoolExecutor(slots.total_cap, thread_name_prefix=f"bench-{label}") as pool:
         groups = list(pool.map(one, tasks))
     wall = time.perf_counter() - start
     overhead, simple = [], []
@@ -229,8 +254,8 @@ def _config_path() -> Path:
     raise FileNotFoundError(f"{CONFIG} not found (run from the repository root)")
 
 
-def _loop_spec(spec: JobSpec, name: str, group_size: int, model: Path) -> JobSpec:
-    alg = spec.algorithm.model_copy(update={"name": name, "group_size": group_size})
+def _loop_spec(spec: JobSpec, name: str, group_size: int, model: Path, **algorithm: Any) -> JobSpec:
+    alg = spec.algorithm.model_copy(update={"name": name, "group_size": group_size, **algorithm})
     return spec.model_copy(update={"algorithm": alg, "model": str(model)})
 
 
@@ -293,6 +318,13 @@ def run(
             axpo = AgentLoop(
                 timed, vocab, _loop_spec(spec, "axpo", group_size, model), tool_specs, seed=seed
             )
+            sequential = AgentLoop(
+                timed,
+                vocab,
+                _loop_spec(spec, "axpo", group_size, model, speculative_resampling=False),
+                tool_specs,
+                seed=seed,
+            )
             size = spec.tasks.image_size
             family = spec.tasks.family
             tasks = [
@@ -302,8 +334,13 @@ def run(
             inflight = spec.rollout.inflight_questions
             _run_batch(grpo, [warmup], calls, "warmup-grpo", 1)
             _run_batch(axpo, [warmup], calls, "warmup-axpo", 1)
+            before = replace(axpo.speculation)
             a = _run_batch(axpo, tasks, calls, "axpo", inflight)
+            launched = axpo.speculation.launched - before.launched
+            used = axpo.speculation.used - before.used
+            cancelled = axpo.speculation.cancelled - before.cancelled
             g = _run_batch(grpo, tasks, calls, "grpo", inflight)
+            q = _run_batch(sequential, tasks, calls, "axpo-sequential", inflight)
         finally:
             if backend is not None:
                 backend.close()
@@ -328,6 +365,10 @@ def run(
         "grpo_step_s": round(g.wall_s, 3),
         "axpo_step_s": round(a.wall_s, 3),
         "axpo_vs_grpo_ratio": round(a.wall_s / g.wall_s, 3),
+        "axpo_sequential_step_s": round(q.wall_s, 3),
+        "axpo_sequential_vs_grpo_ratio": round(q.wall_s / g.wall_s, 3),
+        "speculative_resumes": {"launched": launched, "used": used, "cancelled": cancelled},
+        "speculative_waste_share": _share(cancelled, launched),
         "trajectories_per_s": round(len(grpo_trajs) / g.wall_s, 2),
         "axpo_trajectories_per_s": round(len(axpo_trajs) / a.wall_s, 2),
         "axpo_resampled_rollouts": sum(1 for t in axpo_trajs if t.resampled_from),
@@ -370,6 +411,12 @@ def print_table(result: dict[str, Any]) -> None:
         f"({r['axpo_trajectories_per_s']:.2f} traj/s, {r['axpo_resampled_rollouts']} resampled)"
     )
     print(f"  AXPO / GRPO       : {r['axpo_vs_grpo_ratio']:8.3f}  (floor <= 1.35)")
+    sr = r["speculative_resumes"]
+    print(
+        f"  speculative resumes: {sr['launched']} launched, {sr['used']} used, "
+        f"{sr['cancelled']} cancelled; sequential AXPO / GRPO: "
+        f"{r['axpo_sequential_vs_grpo_ratio']:.3f}"
+    )
     print(f"  tool-call rate    : {r['tool_call_rate']:8.3f}")
     print(f"  resampled groups  : {r['resampled_groups_share']:8.3f}")
     print(

@@ -37,7 +37,7 @@ from axpo.v1 import (
     verifier_pb2,
     verifier_pb2_grpc,
 )
-from axpo_rollout.agent import PromptTooLongError
+from axpo_rollout.agent import Cancelled, CancelToken, PromptTooLongError
 
 
 class GrpcBackend:
@@ -65,7 +65,12 @@ class GrpcBackend:
     # ------------------------------------------------------------------- Backend
 
     def generate(
-        self, prompt: Sequence[int], images: Sequence[Image], sampling: SamplingParams
+        self,
+        prompt: Sequence[int],
+        images: Sequence[Image],
+        sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Sample]:
         request = inference_pb2.GenerateRequest(
             request_id=uuid.uuid4().hex,
@@ -73,7 +78,7 @@ class GrpcBackend:
             images=[convert.image_to_proto(i) for i in images],
             sampling=convert.sampling_params_to_proto(sampling),
         )
-        return _samples(self.inference.Generate, request)
+        return _samples(self.inference.Generate, request, cancel)
 
     def resume(
         self,
@@ -81,6 +86,8 @@ class GrpcBackend:
         prefix: Sequence[int],
         images: Sequence[Image],
         sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Sample]:
         request = inference_pb2.ResumeFromPrefixRequest(
             request_id=uuid.uuid4().hex,
@@ -89,7 +96,7 @@ class GrpcBackend:
             images=[convert.image_to_proto(i) for i in images],
             sampling=convert.sampling_params_to_proto(sampling),
         )
-        return _samples(self.inference.ResumeFromPrefix, request)
+        return _samples(self.inference.ResumeFromPrefix, request, cancel)
 
     def call_tool(self, call: ToolCall, images: Sequence[Image], timeout_s: float) -> ToolResult:
         request = tools_pb2.CallRequest(
@@ -122,11 +129,22 @@ class GrpcBackend:
         return [by_id[i.item_id] for i in items]
 
 
-def _samples(rpc: Any, request: Any) -> list[Sample]:
-    """Call Generate or ResumeFromPrefix; a prompt over the context is PromptTooLongError."""
+def _samples(rpc: Any, request: Any, cancel: CancelToken | None = None) -> list[Sample]:
+    """Call Generate or ResumeFromPrefix; a prompt over the context is PromptTooLongError.
+    With ``cancel``: the call is cancelled when it fires (the inference service then aborts
+    the request in vLLM) and :class:`Cancelled` is raised."""
     try:
-        reply = rpc(request)
+        if cancel is None:
+            reply = rpc(request)
+        else:
+            call = rpc.future(request)
+            cancel.on_cancel(call.cancel)
+            reply = call.result()
+    except grpc.FutureCancelledError as exc:
+        raise Cancelled(f"request {request.request_id} cancelled") from exc
     except grpc.RpcError as exc:
+        if cancel is not None and cancel.cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+            raise Cancelled(f"request {request.request_id} cancelled") from exc
         raise _too_long(exc) from exc
     return [convert.sample_from_proto(s) for s in reply.samples]
 

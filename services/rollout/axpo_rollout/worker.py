@@ -1,6 +1,8 @@
 """A rollout worker: questions in (prompts stream), scored groups out (groups stream).
 
-:class:`RolloutWorker` keeps up to ``rollout.inflight_questions`` questions in flight: it
+:class:`RolloutWorker` keeps up to ``rollout.inflight_questions`` questions sampling
+(:class:`QuestionSlots`; a group that only waits on its AXPO resamples gives its place to the
+next question, up to ``rollout.resampling_questions`` such groups on top): it
 takes prompt tasks under its stable consumer name (after a restart its unacknowledged ones
 come back first), runs each through :meth:`AgentLoop.run_group` on a thread, puts the group
 (``put_group`` waits while the learner is ``max_backlog`` groups behind: backpressure), and
@@ -32,6 +34,73 @@ from axpo_rollout.agent import AgentLoop
 log = logging.getLogger("axpo.rollout")
 
 
+class QuestionSlots:
+    """Places for questions: at most ``sampling`` sampling their originals at once, and at most
+    ``sampling + resampling`` groups in all (those past their originals wait on resamples).
+
+    Why: an AXPO group's resamples start after its originals' first turns and may run long
+    after the originals are done; holding the question's place all that time would leave the
+    engine with fewer sequences to batch exactly when there is extra work."""
+
+    def __init__(self, sampling: int, resampling: int) -> None:
+        if sampling < 1 or resampling < 0:
+            raise ValueError(
+                f"need sampling >= 1 and resampling >= 0, got {sampling}, {resampling}"
+            )
+        self.sampling_cap = sampling
+        self.total_cap = sampling + resampling
+        self._cond = threading.Condition()
+        self.sampling = 0
+        self.total = 0
+
+    def free(self) -> int:
+        with self._cond:
+            return self._free()
+
+    def _free(self) -> int:
+        return max(0, min(self.sampling_cap - self.sampling, self.total_cap - self.total))
+
+    def start(self, timeout: float | None = None) -> Ticket | None:
+        """Take a place (waiting up to ``timeout`` seconds; None: forever), or None."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free() > 0, timeout):
+                return None
+            self.sampling += 1
+            self.total += 1
+            return Ticket(self)
+
+    def _move(self, sampling: int, total: int) -> None:
+        with self._cond:
+            self.sampling += sampling
+            self.total += total
+            self._cond.notify_all()
+
+
+class Ticket:
+    """One question's place: :meth:`resampling` when only resamples are left, :meth:`done`
+    at the end (either may be called more than once)."""
+
+    def __init__(self, slots: QuestionSlots) -> None:
+        self._slots = slots
+        self._lock = threading.Lock()
+        self._state = "sampling"
+
+    def resampling(self) -> None:
+        with self._lock:
+            if self._state != "sampling":
+                return
+            self._state = "resampling"
+        self._slots._move(-1, 0)
+
+    def done(self) -> None:
+        with self._lock:
+            state, self._state = self._state, "done"
+        if state == "sampling":
+            self._slots._move(-1, -1)
+        elif state == "resampling":
+            self._slots._move(0, -1)
+
+
 @dataclass
 class WorkerCounters:
     groups: int = 0
@@ -55,6 +124,7 @@ class RolloutWorker:
         self.queue = queue
         self.consumer = consumer
         self.inflight = loop.spec.rollout.inflight_questions
+        self.slots = QuestionSlots(self.inflight, loop.spec.rollout.resampling_slots())
         self.max_prompt_failures = max_prompt_failures
         self.counters = WorkerCounters()
         self._failures: Counter[str] = Counter()
@@ -68,9 +138,10 @@ class RolloutWorker:
     def run(self) -> None:
         """Until :meth:`request_stop`: keep ``inflight`` questions going. Returns after the
         questions in flight finished (their groups put, their prompts acknowledged)."""
-        with ThreadPoolExecutor(self.inflight, thread_name_prefix="question") as pool:
+        slots = self.slots
+        with ThreadPoolExecutor(slots.total_cap, thread_name_prefix="question") as pool:
             while not self._stop.is_set():
-                free = self.inflight - len(self._running)
+                free = slots.free()
                 if free <= 0:
                     time.sleep(0.02)
                     continue
@@ -80,7 +151,9 @@ class RolloutWorker:
                 for d in deliveries:
                     if d.entry_id in self._running:
                         continue  # redelivered while still in flight here
-                    fut = pool.submit(self._one, d)
+                    ticket = slots.start(timeout=0)
+                    assert ticket is not None  # only this thread starts questions
+                    fut = pool.submit(self._one, d, ticket)
                     with self._lock:
                         self._running[d.entry_id] = fut
                     fut.add_done_callback(lambda _f, e=d.entry_id: self._forget(e))
@@ -91,18 +164,22 @@ class RolloutWorker:
         with self._lock:
             self._running.pop(entry_id, None)
 
-    def _one(self, delivery: PromptDelivery) -> Group:
+    def _one(self, delivery: PromptDelivery, ticket: Ticket) -> Group:
         task = delivery.task
         try:
             question = task_from_data(task.data)
             group = self.loop.run_group(
-                question, group_id=f"{self.loop.spec.name}-{task.task_id}-{delivery.entry_id}"
+                question,
+                group_id=f"{self.loop.spec.name}-{task.task_id}-{delivery.entry_id}",
+                on_resampling=ticket.resampling,
             )
             self.queue.put_group(group)
             self.queue.ack_prompts([delivery.entry_id])
         except Exception as exc:
             self._failed(delivery, exc)
             raise
+        finally:
+            ticket.done()
         c = self.counters
         with self._lock:
             c.groups += 1

@@ -35,7 +35,14 @@ from axpo.domain import (
 )
 from axpo.tasks import Task, generate_task
 from axpo.tiny_model import build_tiny_model
-from axpo_rollout.agent import AgentLoop, Vocab
+from axpo_rollout.agent import (
+    AgentLoop,
+    Cancelled,
+    CancelToken,
+    SpeculationCounters,
+    Timings,
+    Vocab,
+)
 from axpo_verifier.verifier import Verifier
 
 ZOOM_SCHEMA = {
@@ -120,7 +127,12 @@ class Scripted:
         )
 
     def generate(
-        self, prompt: Sequence[int], images: Sequence[Image], sampling: SamplingParams
+        self,
+        prompt: Sequence[int],
+        images: Sequence[Image],
+        sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Sample]:
         assert prompt.count(self.vocab.image_pad) == len(images)
         if sampling.n > 1 or not self.first_done:
@@ -136,6 +148,8 @@ class Scripted:
         prefix: Sequence[int],
         images: Sequence[Image],
         sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Sample]:
         assert (list(prompt) + list(prefix)).count(self.vocab.image_pad) == len(images)
         with self._lock:
@@ -153,11 +167,15 @@ class Scripted:
         return self.verifier.score(items, weights)
 
 
-def job(name: str = "axpo", g: int = 2, **rollout: object) -> JobSpec:
+def job(name: str = "axpo", g: int = 2, *, speculative: bool = True, **rollout: object) -> JobSpec:
     return JobSpec(
         name="t",
         model="unused",
-        algorithm=AlgorithmSpec(name=name, group_size=g),  # type: ignore[arg-type]
+        algorithm=AlgorithmSpec(
+            name=name,  # type: ignore[arg-type]
+            group_size=g,
+            speculative_resampling=speculative,
+        ),
         rollout=RolloutSpec(**rollout),  # type: ignore[arg-type]
     )
 
@@ -241,8 +259,9 @@ def _wrong(task: Task) -> str:
     return next(c for c in task.choices if c != task.gold)
 
 
+@pytest.mark.parametrize("speculative", [True, False])
 def test_axpo_resamples_the_most_uncertain_all_wrong_tool_prefix(
-    vocab: Vocab, verifier: Verifier, task: Task
+    speculative: bool, vocab: Vocab, verifier: Verifier, task: Task
 ) -> None:
     wrong = _wrong(task)
     first = [CALL, CALL, answer(task.gold), answer(wrong)]
@@ -254,7 +273,8 @@ def test_axpo_resamples_the_most_uncertain_all_wrong_tool_prefix(
         resumed=[answer(task.gold, "Actually I can see it.")],
         call_entropies=[0.2, 0.9, 0.1, 0.1],
     )
-    group = AgentLoop(backend, vocab, job("axpo", g=4), [ZOOM]).run_group(task)
+    loop = AgentLoop(backend, vocab, job("axpo", g=4, speculative=speculative), [ZOOM])
+    group = loop.run_group(task)
     originals = [t for t in group.trajectories if not t.resampled_from]
     resamples = [t for t in group.trajectories if t.resampled_from]
     assert len(originals) == 4
@@ -277,16 +297,20 @@ def test_axpo_resamples_the_most_uncertain_all_wrong_tool_prefix(
     assert n == 2
     assert prompt + prefix == list(parent.token_ids[:call_start])
     assert len(prompt) == parent.prompt_length
+    # Speculation or not, the one resume asked for is the one kept.
+    launched = 1 if speculative else 0
+    assert loop.speculation == SpeculationCounters(launched, launched, 0)
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "axpo"])
+@pytest.mark.parametrize(("algorithm", "speculative"), [("grpo", False), ("axpo", False)])
 def test_no_resampling_unless_the_tool_subgroup_is_all_wrong(
-    algorithm: str, vocab: Vocab, verifier: Verifier, task: Task
+    algorithm: str, speculative: bool, vocab: Vocab, verifier: Verifier, task: Task
 ) -> None:
     wrong = _wrong(task)
     # GRPO never resamples; AXPO does not when a tool user is correct.
     backend = Scripted(vocab, verifier, [CALL, CALL, answer(wrong)], answer(task.gold))
-    group = AgentLoop(backend, vocab, job(algorithm, g=3), [ZOOM]).run_group(task)
+    loop = AgentLoop(backend, vocab, job(algorithm, g=3, speculative=speculative), [ZOOM])
+    group = loop.run_group(task)
     assert not any(t.resampled_from for t in group.trajectories)
     assert backend.resume_requests == []
     if algorithm == "grpo":
@@ -294,6 +318,123 @@ def test_no_resampling_unless_the_tool_subgroup_is_all_wrong(
         group = AgentLoop(backend, vocab, job("grpo", g=3), [ZOOM]).run_group(task)
         assert len(group.trajectories) == 3
         assert backend.resume_requests == []
+
+
+class Gated(Scripted):
+    """Scripted, but the originals' later turns wait (up to 5 s) for ``release``, and resumes
+    wait until cancelled when ``resume_blocks``; records the cancel tokens it was given."""
+
+    def __init__(self, *args: object, resume_blocks: bool = False, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.release = threading.Event()
+        self.resume_started = threading.Event()
+        self.released_by_resume = False
+        self.resume_blocks = resume_blocks
+        self.tokens: list[CancelToken | None] = []
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        images: Sequence[Image],
+        sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
+    ) -> list[Sample]:
+        if sampling.n == 1 and self.first_done and cancel is None:  # an original's 2nd turn
+            self.released_by_resume = self.release.wait(5.0) or self.released_by_resume
+        return super().generate(prompt, images, sampling, cancel=cancel)
+
+    def resume(
+        self,
+        prompt: Sequence[int],
+        prefix: Sequence[int],
+        images: Sequence[Image],
+        sampling: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
+    ) -> list[Sample]:
+        self.tokens.append(cancel)
+        self.resume_started.set()
+        self.release.set()
+        if self.resume_blocks:
+            assert cancel is not None
+            stopped = threading.Event()
+            cancel.on_cancel(stopped.set)
+            assert stopped.wait(10.0), "the speculative resume was never cancelled"
+            raise Cancelled("cancelled")
+        return super().resume(prompt, prefix, images, sampling, cancel=cancel)
+
+
+def test_speculative_resampling_starts_while_the_originals_still_run(
+    vocab: Vocab, verifier: Verifier, task: Task
+) -> None:
+    wrong = _wrong(task)
+    backend = Gated(
+        vocab,
+        verifier,
+        [CALL, CALL, answer(wrong), answer(wrong)],
+        answer(wrong),
+        resumed=[answer(task.gold, "Now I see it.")],
+        call_entropies=[0.9, 0.2, 0.1, 0.1],
+    )
+    loop = AgentLoop(backend, vocab, job("axpo", g=4), [ZOOM])
+    group = loop.run_group(task)
+    # The originals' second turns were held until a resume had started: it ran before they
+    # finished (in sequence, each would have waited the full 5 s and found no resume).
+    assert backend.released_by_resume
+    resamples = [t for t in group.trajectories if t.resampled_from]
+    assert len(resamples) == 2
+    assert {r.resampled_from for r in resamples} == {group.trajectories[0].trajectory_id}
+    assert all(r.reward is not None and r.reward.correct for r in resamples)
+    assert loop.speculation == SpeculationCounters(launched=1, used=1, cancelled=0)
+    [token] = backend.tokens
+    assert token is not None
+    assert not token.cancelled
+
+
+def test_a_correct_tool_user_cancels_the_speculative_resample(
+    vocab: Vocab, verifier: Verifier, task: Task
+) -> None:
+    wrong = _wrong(task)
+    # Both tool users answer correctly after zooming: the condition cannot hold, so the
+    # resume (which blocks until cancelled) must be cancelled for the group to finish.
+    backend = Gated(
+        vocab,
+        verifier,
+        [CALL, CALL, answer(wrong)],
+        answer(task.gold),
+        resume_blocks=True,
+    )
+    loop = AgentLoop(backend, vocab, job("axpo", g=3), [ZOOM])
+    group = loop.run_group(task)
+    assert backend.resume_started.is_set()
+    assert not any(t.resampled_from for t in group.trajectories)
+    assert len(group.trajectories) == 3
+    [token] = backend.tokens
+    assert token is not None
+    assert token.cancelled
+    assert loop.speculation == SpeculationCounters(launched=1, used=0, cancelled=1)
+    # Every original was scored, the tool users one by one as they finished.
+    assert all(t.reward is not None for t in group.trajectories)
+    assert [t.reward.correct for t in group.trajectories if t.reward] == [True, True, False]
+
+
+def test_a_cancelled_token_stops_a_continuation_before_its_next_turn(
+    vocab: Vocab, verifier: Verifier, task: Task
+) -> None:
+    backend = Scripted(vocab, verifier, [CALL], answer(task.gold))
+    loop = AgentLoop(backend, vocab, job("axpo", g=2), [ZOOM])
+    state = loop.initial_state(task)
+    [sample] = backend.generate(state.tokens, state.images, loop.sampling(1, 64))
+    assert loop.add_turn(state, sample)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled, match="cancelled"):
+        loop.continue_rollout(state, Timings(), token)
+    assert backend.tool_calls == []  # stopped before running the tool
+    late: list[str] = []
+    token.on_cancel(lambda: late.append("ran"))  # registered after the fact: runs at once
+    assert late == ["ran"]
 
 
 def test_a_malformed_call_is_answered_with_an_error_and_not_run(
