@@ -1,14 +1,23 @@
-"""Tiny text-only groups for learner tests, and the tiny model they train (built once)."""
+"""Tiny text-only groups for learner tests, the tiny model they train (built once), and a
+recording inference replica that weights are published to."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+import torch
 
+from axpo.config import RpcClientSettings, RpcServerSettings
 from axpo.domain import Group, Reward, Trajectory
+from axpo.rpc.server import ServiceRegistration, start_server
 from axpo.tiny_model import build_tiny_model
+from axpo.v1 import inference_pb2, inference_pb2_grpc
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +47,90 @@ def text_group(gid: str, *, size: int = 4, version: int = 0) -> Group:
             )
         )
     return Group(gid, f"q-{gid}", tuple(trajs), policy_version=version)
+
+
+class RecordingInference(inference_pb2_grpc.InferenceServiceServicer):
+    """A fake replica: applies the inference engine's own weight checks
+    (``axpo_inference.engine``: ``check_weights`` on the file's headers for LoadWeights,
+    ``WeightStreamAssembler`` for the stream, and a version that must increase) against the
+    checkpoint it serves, then records what it got. Status reports the serving version."""
+
+    def __init__(self, checkpoint: Path, version: int = 0) -> None:
+        from axpo_inference.engine import read_safetensors_specs
+
+        self.expected = read_safetensors_specs(checkpoint)
+        self.version = version
+        self.loaded: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def _apply(self, path: Path, version: int, context: Any) -> None:
+        from safetensors.torch import load_file
+
+        from axpo_inference.engine import InvalidRequestError, check_weights, read_safetensors_specs
+
+        try:
+            check_weights(self.expected, read_safetensors_specs(path))
+        except InvalidRequestError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if version <= self.version:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stale version")
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        self.version = version
+        self.loaded.append((version, tensors))
+
+    def LoadWeights(self, request, context):
+        self._apply(Path(request.path), request.policy_version, context)
+        return inference_pb2.LoadWeightsResponse(
+            policy_version=self.version, tensors_loaded=len(self.loaded[-1][1])
+        )
+
+    def LoadWeightsStream(self, request_iterator, context):
+        from axpo_inference.engine import InvalidRequestError, WeightStreamAssembler
+
+        header = next(request_iterator).header
+        asm = WeightStreamAssembler(self.expected, header.tensor_count)
+        try:
+            for msg in request_iterator:
+                c = msg.chunk
+                asm.add(c.name, c.dtype, c.shape, c.offset, c.data, c.total_bytes)
+            folder = asm.finish()
+        except InvalidRequestError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._apply(folder, header.policy_version, context)
+        return inference_pb2.LoadWeightsStreamResponse(
+            policy_version=self.version, bytes_received=asm.bytes_received
+        )
+
+    def Status(self, request, context):
+        return inference_pb2.InferenceServiceStatusResponse(
+            model="fake", backend="fake", policy_version=self.version
+        )
+
+
+@contextmanager
+def fake_replicas(
+    fakes: list[RecordingInference],
+) -> Iterator[list[RpcClientSettings]]:
+    """Serve each fake on its own gRPC server (port 0); yields their client settings."""
+    servers = [
+        start_server(
+            [
+                ServiceRegistration(
+                    name="axpo.v1.InferenceService",
+                    add=lambda s, f=f: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+                        f, s
+                    ),
+                )
+            ],
+            RpcServerSettings(port=0),
+            service="inference",
+        )
+        for f in fakes
+    ]
+    try:
+        yield [RpcClientSettings(target=s.address) for s in servers]
+    finally:
+        for s in servers:
+            s.stop(0)

@@ -1,75 +1,37 @@
 """axpo_learner.publish against a recording InferenceService on a real gRPC server (port 0).
 
-The fake servicer applies the inference engine's own weight checks (axpo_inference.engine:
-``check_weights`` on the file's headers for LoadWeights, ``WeightStreamAssembler`` for the
-stream) against the tiny checkpoint the model was built from, then records what it got. The
-real vLLM engine's load path is tested with the inference service.
+The fake servicer (``learner_fixtures.RecordingInference``) applies the inference engine's own
+weight checks (axpo_inference.engine: ``check_weights`` on the file's headers for LoadWeights,
+``WeightStreamAssembler`` for the stream) against the tiny checkpoint the model was built from,
+then records what it got. The real vLLM engine's load path is tested with the inference
+service. The loop re-publishes restored weights after a restart at a version the replicas
+accept.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from axpo.config import RpcClientSettings, RpcServerSettings
-from axpo.rpc.server import ServiceRegistration, start_server
+from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings, QueueSettings
+from axpo.queue import TrajectoryQueue
 from axpo.tiny_model import build_tiny_model
-from axpo.v1 import inference_pb2, inference_pb2_grpc
-from axpo_inference.engine import (
-    InvalidRequestError,
-    WeightStreamAssembler,
-    check_weights,
-    read_safetensors_specs,
-)
+from axpo_learner import checkpoint
+from axpo_learner.loop import LearnerLoop
 from axpo_learner.publish import PathPublisher, PublishError, StreamPublisher
+from axpo_learner.trainer import Trainer
+from tests.integration import learner_fixtures, redis_fixtures
+from tests.integration.learner_fixtures import RecordingInference, fake_replicas, text_group
+from tests.integration.redis_fixtures import new_job_id
+
+redis_server = redis_fixtures.redis_server
+redis_client = redis_fixtures.redis_client
+tiny_model = learner_fixtures.tiny_model
 
 pytestmark = pytest.mark.integration
-
-
-class RecordingInference(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, checkpoint: Path) -> None:
-        self.expected = read_safetensors_specs(checkpoint)
-        self.version = 0
-        self.loaded: list[tuple[int, dict[str, torch.Tensor]]] = []
-
-    def _apply(self, path: Path, version: int, context) -> None:
-        try:
-            check_weights(self.expected, read_safetensors_specs(path))
-        except InvalidRequestError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if version <= self.version:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stale version")
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        tensors: dict[str, torch.Tensor] = {}
-        for f in files:
-            tensors.update(load_file(str(f)))
-        self.version = version
-        self.loaded.append((version, tensors))
-
-    def LoadWeights(self, request, context):
-        self._apply(Path(request.path), request.policy_version, context)
-        return inference_pb2.LoadWeightsResponse(
-            policy_version=self.version, tensors_loaded=len(self.loaded[-1][1])
-        )
-
-    def LoadWeightsStream(self, request_iterator, context):
-        header = next(request_iterator).header
-        asm = WeightStreamAssembler(self.expected, header.tensor_count)
-        try:
-            for msg in request_iterator:
-                c = msg.chunk
-                asm.add(c.name, c.dtype, c.shape, c.offset, c.data, c.total_bytes)
-            folder = asm.finish()
-        except InvalidRequestError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self._apply(folder, header.policy_version, context)
-        return inference_pb2.LoadWeightsStreamResponse(
-            policy_version=self.version, bytes_received=asm.bytes_received
-        )
 
 
 @pytest.fixture(params=[False, True], ids=["untied", "tied"])
@@ -82,25 +44,8 @@ def setup(request, tmp_path):
         for p in model.parameters():
             p.add_(0.01)  # "trained" weights differ from the checkpoint
     fakes = [RecordingInference(ckpt), RecordingInference(ckpt)]
-    servers = [
-        start_server(
-            [
-                ServiceRegistration(
-                    name="axpo.v1.InferenceService",
-                    add=lambda s, f=f: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-                        f, s
-                    ),
-                )
-            ],
-            RpcServerSettings(port=0),
-            service="inference",
-        )
-        for f in fakes
-    ]
-    targets = [RpcClientSettings(target=s.address) for s in servers]
-    yield model, fakes, targets, tmp_path
-    for s in servers:
-        s.stop(0)
+    with fake_replicas(fakes) as targets:
+        yield model, fakes, targets, tmp_path
 
 
 def _check_received(model, fakes, version):
@@ -131,3 +76,64 @@ def test_publish_reaches_every_replica_with_serving_names(setup, transport):
         pub.close()
     if transport == "path":
         assert [p.name for p in (tmp / "shared").glob("v*")] == ["v00000002"]
+
+
+@pytest.mark.parametrize("known_by", ["record", "status"])
+def test_a_restart_publishes_the_restored_weights_above_the_served_version(
+    redis_client, tiny_model: Path, tmp_path: Path, known_by: str
+):
+    """Version 3 was published, then the learner crashed before checkpointing step 3 (the
+    newest checkpoint is step 2). The restarted learner publishes its restored weights (step
+    2's) as version 4, above what the replica serves, and goes on from there. It knows 3 was
+    published from its record (``published.json``) or, without one, from the replica's
+    Status."""
+    fake = RecordingInference(tiny_model)
+    job = new_job_id()
+    # All groups are of version 0: a lag bound above the versions reached keeps them fresh.
+    qs = QueueSettings(block_ms=50, key_prefix=f"p{job}", max_policy_lag=100)
+    with fake_replicas([fake]) as targets:
+        s = LearnerSettings(
+            model=str(tiny_model),
+            lr=1e-3,
+            seed=1,
+            questions_per_step=2,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            checkpoint_every=2,
+            keep_checkpoints=100,
+            redis_retry_s=5,
+        )
+        q = TrajectoryQueue(redis_client, job, qs)
+        ids = [q.put_group(text_group(f"g{i}")) for i in range(8)]
+        first_pub = PathPublisher(targets, tmp_path / "shared")
+        first = LearnerLoop(s, AlgorithmSpec(), q, Trainer(s), first_pub)
+        first.recover()  # a fresh start: the replica serves the initial weights already
+        assert fake.loaded == []
+        for _ in range(3):
+            assert first.run_step()
+        first_pub.close()
+        # "Crash": step 3 is published but in no checkpoint.
+        assert [v for v, _ in fake.loaded] == [1, 2, 3]
+        assert checkpoint.last_published(tmp_path / "ckpt") == 3
+        if known_by == "status":
+            (tmp_path / "ckpt" / "published.json").unlink()
+
+        job_spec = JobSpec(name=job, model="m", steps=4, questions_per_step=2)
+        pub = PathPublisher(targets, tmp_path / "shared")
+        second = LearnerLoop(s, job_spec, TrajectoryQueue(redis_client, job, qs), Trainer(s), pub)
+        try:
+            assert second.run() == 2
+        finally:
+            pub.close()
+    assert [v for v, _ in fake.loaded] == [1, 2, 3, 4, 5, 6]
+    published = dict(fake.loaded)
+    for name, tensor in published[2].items():
+        assert torch.equal(published[4][name], tensor), name  # the restored weights, exactly
+    assert any(not torch.equal(published[4][k], published[3][k]) for k in published[3])
+    st = second.status()
+    assert (st.step, st.policy_version, st.published_version, st.publish_failures) == (4, 6, 6, 0)
+    meta = json.loads((tmp_path / "ckpt" / "step-00000004" / "meta.json").read_text())
+    assert meta["policy_version"] == 6
+    chain = []
+    for path in checkpoint.list_checkpoints(tmp_path / "ckpt"):
+        chain += json.loads((path / "meta.json").read_text())["consumed_entry_ids"]
+    assert chain == ids  # step 3's groups were trained again, once in the checkpoints

@@ -16,6 +16,12 @@ a rank with fewer micro-batches than another runs a padding pass whose loss is m
 
 Vision blocks stay in the root group on purpose: a text-only micro-batch does not call them,
 and a per-block group would all-gather only on the ranks whose micro-batch has images.
+
+The rest of the service follows from "every rank runs the same collectives in the same order":
+the loop (``axpo_learner.loop``) lets rank 0 alone talk to Redis and broadcasts each step's
+groups and every stop decision; checkpoints are written by every rank, each its own shards
+(``axpo_learner.checkpoint``); publication gathers the full weights to rank 0
+(``Trainer.full_state_dict``), which alone sends them.
 """
 
 from __future__ import annotations
@@ -111,6 +117,26 @@ def broadcast_object(obj: T, world: World, src: int = 0) -> T:
     box: list[Any] = [obj if world.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]  # type: ignore[no-any-return]
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank when ``flag`` is True on any rank (e.g. a stop request that only
+    one rank received)."""
+    if not world.distributed:
+        return flag
+    return any(gather_object(flag, world))
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank gets here."""
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the default process group, when there is one (the end of a torchrun worker)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def full_value(t: torch.Tensor) -> float:

@@ -58,10 +58,39 @@ the next start.
 **Stopping**: :meth:`LearnerLoop.request_stop` (any thread) ends the loop between steps; groups
 collected for the unfinished step stay unacknowledged (redelivered on the next start), and the
 steps trained since the last checkpoint are checkpointed and acknowledged before returning.
+
+**Re-publication on start**: a learner that restarts from a checkpoint holds the weights of
+that checkpoint, while the replicas may serve newer ones (published after it, then lost in the
+crash) or older ones. With a publisher, :meth:`LearnerLoop.recover` publishes the restored
+weights at once, at a version above every one the replicas may serve (they refuse a version
+that does not increase): the newest of the version recorded before each publication
+(``published.json`` in ``checkpoint_dir``) and the versions the replicas report
+(``InferenceService.Status``), plus one, or the restored version when that is higher
+(:func:`restart_version`). The trainer's ``policy_version`` moves to it, so a version always
+names one set of weights and later steps publish above it. A fresh start (no checkpoint)
+publishes only when the replicas or the record show a newer version than the trainer's.
+
+**Under torchrun** (``WORLD_SIZE`` > 1, the model sharded by FSDP2): every rank runs a loop
+over the same trainer code; only rank 0 has the queue (and the publisher, the gRPC front and
+the metrics). The ranks advance in *rounds*: rank 0 collects for up to ``_ROUND_S`` seconds
+(what it took is kept for the next round), then every rank joins two collectives, a stop vote
+(any rank's stop request stops all: a SIGTERM may reach one worker only) and the broadcast of
+rank 0's step (its deliveries, or none yet). So ranks block in a collective for at most a round
+while the queue is empty, well inside the process group's timeout, and a stop is seen within a
+round. Rank 0 checks each group through the batching path before broadcasting it and
+dead-letters those that fail (a bad token id would otherwise fail the forward on one rank
+only, leaving the others waiting in a collective). Every rank trains the step on its share
+(:mod:`axpo_learner.distributed`), checkpoints together (each rank writes its shards; rank 0
+completes the checkpoint, see :mod:`axpo_learner.checkpoint`), and gathers the full weights
+for rank 0 to publish. Rank 0 alone takes, touches, acknowledges and dead-letters: the
+exactly-once argument above is unchanged, since an entry is acknowledged by rank 0 only after
+:func:`checkpoint.save` returned there, i.e. after every rank's shards and the metadata are
+durable and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -77,7 +106,7 @@ from axpo import diagnostics
 from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings
 from axpo.domain import Group
 from axpo.queue import Delivery, QueueCounters, TrajectoryQueue
-from axpo_learner import checkpoint
+from axpo_learner import checkpoint, distributed
 from axpo_learner.batch import micro_batches, rows_from_groups
 from axpo_learner.publish import PublishError, WeightPublisher
 from axpo_learner.trainer import Trainer
@@ -94,6 +123,21 @@ _BAD_INPUT = (ValueError, OSError, IndexError)
 # Errors after which a Redis call is worth repeating (BusyLoadingError, raised while Redis
 # replays its AOF, is a ConnectionError).
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+
+# Under torchrun, rank 0 collects for at most this long before the ranks meet (stop vote, step
+# broadcast): the longest a rank waits in a collective while the queue is empty.
+_ROUND_S = 2.0
+
+
+def restart_version(current: int, seen: int, *, restored: bool) -> int | None:
+    """The version to publish the trainer's weights at when the loop starts; None when there
+    is no need. ``current`` is the trainer's version (restored from a checkpoint when
+    ``restored``), ``seen`` the highest version published before (recorded, or served by a
+    replica; -1 when unknown). Restored weights are always published: the replicas may serve
+    weights that the crash lost. Replicas accept only a version above the one they serve."""
+    if not restored and seen <= current:
+        return None
+    return max(current, seen + 1)
 
 
 @dataclass(frozen=True)
@@ -151,26 +195,33 @@ class LearnerLoop:
     used, and its ``name`` must be the queue's job) or an :class:`AlgorithmSpec` (then
     ``settings.questions_per_step`` and ``settings.max_steps``). The algorithm itself is the
     trainer's. The loop owns none of its collaborators: the caller closes them.
+
+    Under torchrun every rank makes one, at the same time (the constructor is a collective);
+    ranks other than 0 pass no queue, no publisher and no ``on_step``.
     """
 
     def __init__(
         self,
         settings: LearnerSettings,
         spec: AlgorithmSpec | JobSpec,
-        queue: TrajectoryQueue,
+        queue: TrajectoryQueue | None,
         trainer: Trainer,
         publisher: WeightPublisher | None = None,
         on_step: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
+        self.world = trainer.world
+        self.leader = self.world.rank == 0
+        if self.leader and queue is None:
+            raise ValueError("the loop of rank 0 needs the queue")
         if isinstance(spec, JobSpec):
-            if spec.name != queue.job_id:
+            if queue is not None and spec.name != queue.job_id:
                 raise ValueError(f"job spec {spec.name!r} but the queue is job {queue.job_id!r}")
             self.questions_per_step = spec.questions_per_step
             self.max_steps = spec.steps
         else:
             self.questions_per_step = settings.questions_per_step
             self.max_steps = settings.max_steps
-        backlog = queue.settings.max_backlog
+        backlog = queue.settings.max_backlog if queue is not None else 0
         every = settings.checkpoint_every
         if self.max_steps:
             every = min(every, self.max_steps)  # the last step is always checkpointed
@@ -198,8 +249,17 @@ class LearnerLoop:
         self._recovered = False
         # Entry ids of trained steps that no checkpoint covers yet (pending in Redis).
         self._uncheckpointed: list[str] = []
-        # Deliveries collected for a step that a stop interrupted (used by the next run()).
+        # Deliveries collected for a step not yet trained: one that a stop interrupted (used by
+        # the next run()), or, under torchrun, one still being collected over rounds.
         self._carry: list[Delivery] = []
+        # When the partial step being collected is due (``step_timeout_s``); None until its
+        # first group arrives.
+        self._deadline: float | None = None
+        self._wait_started: float | None = None
+        # Under torchrun: the ranks agreed to stop (a local request is only a vote).
+        self._agreed_stop = False
+        # Whether steps are published: rank 0 has the publisher, every rank gathers weights.
+        self._publishes = distributed.broadcast_object(publisher is not None, self.world)
 
     # ------------------------------------------------------------------ control
 
@@ -218,17 +278,16 @@ class LearnerLoop:
     def status(self) -> LoopStatus:
         """A snapshot for Status (thread-safe; reads the queue's size and counters from Redis,
         keeping the last known values when Redis does not answer)."""
-        fresh: tuple[int, QueueCounters] | None
-        try:
-            fresh = self.queue.backlog(), self.queue.counters()
-        except redis.RedisError:
-            fresh = None
+        fresh: tuple[int, QueueCounters] | None = None
+        if self.queue is not None:
+            with contextlib.suppress(redis.RedisError):
+                fresh = self.queue.backlog(), self.queue.counters()
         with self._lock:
             st = self._state
             if fresh is not None:
                 st.queue_lag, st.queue = fresh
             return LoopStatus(
-                job_id=self.queue.job_id,
+                job_id=self.queue.job_id if self.queue is not None else "",
                 step=self.trainer.step,
                 policy_version=self.trainer.policy_version,
                 published_version=(
@@ -247,27 +306,66 @@ class LearnerLoop:
 
     # ------------------------------------------------------------------ running
 
+    @property
+    def _queue(self) -> TrajectoryQueue:
+        if self.queue is None:
+            raise RuntimeError("only the loop of rank 0 uses the queue")
+        return self.queue
+
     def recover(self) -> checkpoint.CheckpointInfo | None:
-        """Restore the newest checkpoint and acknowledge the entries it records (idempotent;
+        """Restore the newest checkpoint, acknowledge the entries it records (idempotent), and
+        publish the weights when the replicas may serve others (see the module docstring;
         :meth:`run` calls it once before the first step)."""
         self._recovered = True
-        if self.checkpoint_dir is None:
-            return None
-        info = checkpoint.load_latest(self.trainer, self.checkpoint_dir)
-        if info is None:
-            return None
-        acked = self._redis(lambda: self.queue.ack_groups(info.consumed_entry_ids), wait=True)
-        with self._lock:
-            self._state.published_version = info.policy_version
-        log.info(
-            "resumed from %s: step %d, version %d (%d of its %d entries were still unacked)",
-            info.path,
-            info.step,
-            info.policy_version,
-            acked,
-            len(info.consumed_entry_ids),
-        )
+        info = None
+        if self.checkpoint_dir is not None:
+            info = checkpoint.load_latest(self.trainer, self.checkpoint_dir)
+        if info is not None:
+            with self._lock:
+                self._state.published_version = info.policy_version
+            if self.leader:
+                ids = info.consumed_entry_ids
+                acked = self._redis(lambda: self._queue.ack_groups(ids), wait=True)
+                log.info(
+                    "resumed from %s: step %d, version %d (%d of its %d entries were still "
+                    "unacked)",
+                    info.path,
+                    info.step,
+                    info.policy_version,
+                    acked,
+                    len(ids),
+                )
+        self._republish(restored=info is not None)
         return info
+
+    def _republish(self, *, restored: bool) -> None:
+        if not self._publishes:
+            return
+        version = None
+        if self.leader:
+            current = self.trainer.policy_version
+            version = restart_version(current, self._seen_version(), restored=restored)
+            if version is not None and version != current:
+                log.info("the weights of version %d are published as version %d", current, version)
+        version = distributed.broadcast_object(version, self.world)
+        if version is None:
+            return
+        self.trainer.policy_version = version
+        self._publish()
+
+    def _seen_version(self) -> int:
+        """The highest version published before this start: recorded, or served; -1 if none."""
+        seen: list[int] = []
+        if self.checkpoint_dir is not None:
+            recorded = checkpoint.last_published(self.checkpoint_dir)
+            if recorded is not None:
+                seen.append(recorded)
+        if self.publisher is not None:
+            try:
+                seen += self.publisher.serving_versions()
+            except PublishError as exc:
+                log.warning("cannot read the versions the replicas serve: %s", exc)
+        return max(seen, default=-1)
 
     def run(self) -> int:
         """Train until ``max_steps`` or a stop request; returns the steps trained by this
@@ -279,7 +377,7 @@ class LearnerLoop:
         try:
             if not self._recovered:
                 self.recover()
-            while not self._stop.is_set() and not self.done():
+            while not self._stopping() and not self.done():
                 if self.run_step():
                     steps += 1
             self._checkpoint_and_ack()
@@ -296,37 +394,76 @@ class LearnerLoop:
 
     def run_step(self) -> bool:
         """Collect one step's groups and train on them; False when a stop came first or every
-        group of the step was dead-lettered (no step trained)."""
+        group of the step was dead-lettered (no step trained). Under torchrun: one round (see
+        the module docstring), on every rank; False also when the step is still incomplete."""
+        if self.world.distributed:
+            return self._round()
         started = time.perf_counter()
         deliveries = self._collect()
-        if self._stop.is_set() or not deliveries:
-            self._carry = deliveries
+        if not deliveries:
             return False
         return self._train(deliveries, queue_wait_s=time.perf_counter() - started)
 
+    def _stopping(self) -> bool:
+        return self._agreed_stop if self.world.distributed else self._stop.is_set()
+
+    def _round(self) -> bool:
+        deliveries: list[Delivery] | None = None
+        if self.leader:
+            if self._wait_started is None:
+                self._wait_started = time.perf_counter()
+            try:
+                deliveries = self._collect(until=time.monotonic() + _ROUND_S)
+            except _Stopped:  # Redis is down and a stop was requested: the vote stops
+                deliveries = None
+        if distributed.any_rank(self._stop.is_set(), self.world):
+            self._stop.set()
+            self._agreed_stop = True
+            if deliveries is not None:
+                self._carry = deliveries  # not trained, not acknowledged: redelivered
+            return False
+        if deliveries is not None:
+            deliveries = self._screen(deliveries)
+        plan = distributed.broadcast_object(deliveries, self.world)
+        if plan is None:
+            return False
+        queue_wait_s = 0.0
+        if self._wait_started is not None:
+            queue_wait_s = time.perf_counter() - self._wait_started
+            self._wait_started = None
+        if not plan:
+            return False
+        return self._train(plan, queue_wait_s=queue_wait_s)
+
     # ------------------------------------------------------------------ the step
 
-    def _collect(self) -> list[Delivery]:
+    def _collect(self, until: float | None = None) -> list[Delivery] | None:
+        """The step's deliveries; None when a stop request came first or ``until`` (a
+        ``time.monotonic()``) passed: what was taken is kept for the next call."""
+        queue = self._queue
         need = self.questions_per_step
         got = list(self._carry)
         self._carry = []
         held = set(self._uncheckpointed) | {d.entry_id for d in got}
         wait_s = self.settings.step_timeout_s
-        block_ms = self.queue.settings.block_ms
-        deadline: float | None = None
+        block_ms = queue.settings.block_ms
         consumer = self.settings.consumer
         while len(got) < need and not self._stop.is_set():
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            if self._deadline is not None and now >= self._deadline:
                 break
+            if until is not None and now >= until:
+                self._carry = got
+                return None
             block = block_ms
-            if deadline is not None:
-                block = max(1, min(block_ms or 1, int((deadline - now) * 1000)))
+            for limit in (self._deadline, until):
+                if limit is not None:
+                    block = max(1, min(block or 1, int((limit - now) * 1000)))
             version = self.trainer.policy_version
             count = need - len(got)
             new = self._redis(
                 partial(
-                    self.queue.take_groups,
+                    queue.take_groups,
                     consumer,
                     count=count,
                     block_ms=block,
@@ -336,9 +473,9 @@ class LearnerLoop:
             if not new:
                 # Refresh what this loop holds first, or reclaim would take it back (counting a
                 # delivery each time, until it is dead-lettered as a poison message).
-                self._redis(partial(self.queue.touch_groups, consumer, sorted(held)))
+                self._redis(partial(queue.touch_groups, consumer, sorted(held)))
                 new = self._redis(
-                    partial(self.queue.reclaim, consumer, count=count, current_version=version)
+                    partial(queue.reclaim, consumer, count=count, current_version=version)
                 )
                 if not new and block_ms == 0:
                     time.sleep(0.01)  # no blocking read to wait in: do not spin
@@ -347,8 +484,12 @@ class LearnerLoop:
                     continue
                 held.add(delivery.entry_id)
                 got.append(delivery)
-            if got and deadline is None and wait_s > 0:
-                deadline = time.monotonic() + wait_s
+            if got and self._deadline is None and wait_s > 0:
+                self._deadline = time.monotonic() + wait_s
+        self._deadline = None
+        if self._stop.is_set():
+            self._carry = got
+            return None
         return got
 
     def _train(self, deliveries: list[Delivery], queue_wait_s: float = 0.0) -> bool:
@@ -357,6 +498,8 @@ class LearnerLoop:
         try:
             metrics = trainer.train_step([d.group for d in deliveries])
         except _BAD_INPUT as exc:
+            if self.world.distributed:
+                raise  # rank 0 checked every group alone before the step: not a group's fault
             deliveries = self._drop_bad_groups(deliveries, exc)
             if not deliveries:
                 return False
@@ -365,8 +508,12 @@ class LearnerLoop:
         trained_version = trainer.policy_version
         trainer.policy_version += 1
         self._uncheckpointed.extend(d.entry_id for d in deliveries)
-        # Still held until a checkpoint covers them: keep other consumers from reclaiming.
-        self._redis(partial(self.queue.touch_groups, self.settings.consumer, self._uncheckpointed))
+        if self.leader:
+            # Still held until a checkpoint covers them: keep other consumers from reclaiming.
+            touch = partial(self._queue.touch_groups, self.settings.consumer, self._uncheckpointed)
+            # When Redis is down and a stop came, they are acknowledged at the final checkpoint.
+            with contextlib.suppress(_Stopped):
+                self._redis(touch)
         with self._lock:
             st = self._state
             st.groups_trained += len(deliveries)
@@ -374,14 +521,15 @@ class LearnerLoop:
             st.last_metrics = dict(metrics)
         t_ckpt = time.perf_counter()
         if self.checkpoint_dir is None:
-            self._ack(self._uncheckpointed)
+            if self.leader:
+                self._ack(self._uncheckpointed)
             self._uncheckpointed = []
         elif trainer.step % self.settings.checkpoint_every == 0 or self.done():
             self._checkpoint_and_ack()
         checkpoint_s = time.perf_counter() - t_ckpt
         t_pub = time.perf_counter()
-        if self.publisher is not None and trainer.step % self.settings.publish_every == 0:
-            self._publish(self.publisher)
+        if self._publishes and trainer.step % self.settings.publish_every == 0:
+            self._publish()
         publish_s = time.perf_counter() - t_pub
         if self.on_step is not None:
             groups = [d.group for d in deliveries]
@@ -407,6 +555,22 @@ class LearnerLoop:
     def _drop_bad_groups(self, deliveries: list[Delivery], error: BaseException) -> list[Delivery]:
         """After ``train_step`` raised ``error``: dead-letter the groups that fail alone and
         return the others; re-raise ``error`` when none does (it is not the input's fault)."""
+        good, bad = self._split_bad(deliveries)
+        if not bad:
+            raise error
+        self._dead_letter(bad)
+        return good
+
+    def _screen(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Dead-letter the groups that fail the batching path alone; the others (rank 0
+        under torchrun, before the step is broadcast)."""
+        good, bad = self._split_bad(deliveries)
+        self._dead_letter(bad)
+        return good
+
+    def _split_bad(
+        self, deliveries: list[Delivery]
+    ) -> tuple[list[Delivery], list[tuple[Delivery, str]]]:
         good: list[Delivery] = []
         bad: list[tuple[Delivery, str]] = []
         for delivery in deliveries:
@@ -415,14 +579,17 @@ class LearnerLoop:
                 good.append(delivery)
             else:
                 bad.append((delivery, reason))
+        return good, bad
+
+    def _dead_letter(self, bad: list[tuple[Delivery, str]]) -> None:
         if not bad:
-            raise error
+            return
         for delivery, reason in bad:
             reason = f"learner cannot train on group {delivery.group.group_id}: {reason}"
             log.error("dead-lettering entry %s: %s", delivery.entry_id, reason)
             self._redis(
                 partial(
-                    self.queue.dead_letter_groups,
+                    self._queue.dead_letter_groups,
                     self.settings.consumer,
                     [delivery.entry_id],
                     reason,
@@ -431,7 +598,6 @@ class LearnerLoop:
             )
         with self._lock:
             self._state.groups_dead_lettered += len(bad)
-        return good
 
     def _batch_error(self, group: Group) -> str | None:
         """Why ``group`` alone fails the trainer's batching (the path ``train_step`` runs
@@ -464,7 +630,8 @@ class LearnerLoop:
         return None
 
     def _checkpoint_and_ack(self) -> None:
-        """Checkpoint the steps trained since the last checkpoint, then acknowledge them."""
+        """Checkpoint the steps trained since the last checkpoint, then acknowledge them (under
+        torchrun: every rank saves, rank 0 acknowledges once the checkpoint is complete)."""
         if not self._uncheckpointed:
             return
         ids = list(self._uncheckpointed)
@@ -472,18 +639,29 @@ class LearnerLoop:
             info = checkpoint.save(
                 self.trainer, self.checkpoint_dir, ids, keep=self.settings.keep_checkpoints
             )
-            log.info("checkpoint %s (%d entries)", info.path, len(ids))
-        self._ack(ids)
+            if self.leader:
+                log.info("checkpoint %s (%d entries)", info.path, len(ids))
+        if self.leader:
+            self._ack(ids)
         self._uncheckpointed = []
 
     def _ack(self, ids: list[str]) -> None:
         # Must not be abandoned on a stop request: the step is durable, so is its ack.
-        self._redis(lambda: self.queue.ack_groups(ids), wait=True)
+        self._redis(lambda: self._queue.ack_groups(ids), wait=True)
 
-    def _publish(self, publisher: WeightPublisher) -> None:
+    def _publish(self) -> None:
+        """Gather the weights (every rank, under torchrun) and publish them from rank 0. The
+        version is recorded first (``checkpoint.record_published``): a crash during the
+        publication must not let a later start reuse it."""
         version = self.trainer.policy_version
+        state = self.trainer.full_state_dict()
+        publisher = self.publisher
+        if not self.leader or publisher is None:
+            return
         try:
-            result = publisher.publish(self.trainer.model, version)
+            if self.checkpoint_dir is not None:
+                checkpoint.record_published(self.checkpoint_dir, version)
+            result = publisher.publish(self.trainer.model, version, state=state)
         except (PublishError, OSError) as exc:
             with self._lock:
                 self._state.publish_failures += 1

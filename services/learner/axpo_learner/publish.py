@@ -36,12 +36,15 @@ class PublishError(RuntimeError):
     """A replica refused or did not confirm the new weights."""
 
 
-def serving_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names ``save_pretrained`` writes (tied output layer
-    left out), detached, contiguous, on CPU."""
+def serving_state_dict(
+    model: Any, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's tensors (or ``state``, its full state dict gathered from FSDP shards) under
+    the names ``save_pretrained`` writes (tied output layer left out), detached, contiguous,
+    on CPU."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state is None else state).items():
         if tied and name.endswith("lm_head.weight"):
             continue
         out[name] = tensor.detach().to("cpu").contiguous()
@@ -64,15 +67,31 @@ class WeightPublisher(ABC):
         self._stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in self._channels]
         self._targets = [t.target for t in targets]
 
-    def publish(self, model: Any, version: int) -> PublishResult:
+    def publish(
+        self, model: Any, version: int, state: dict[str, torch.Tensor] | None = None
+    ) -> PublishResult:
+        """Send ``model``'s weights (``state`` when given: the full state dict of a sharded
+        model, see ``Trainer.full_state_dict``) as ``version`` to every replica."""
         started = time.perf_counter()
-        tensors = serving_state_dict(model)
+        tensors = serving_state_dict(model, state)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         self._send(tensors, version)
         return PublishResult(version, len(self._stubs), size, time.perf_counter() - started)
 
     @abstractmethod
     def _send(self, tensors: dict[str, torch.Tensor], version: int) -> None: ...
+
+    def serving_versions(self, timeout_s: float = 10.0) -> list[int]:
+        """The version each replica serves now (``InferenceService.Status``); raises
+        :class:`PublishError` when one does not answer."""
+        out = []
+        for target, stub in zip(self._targets, self._stubs, strict=True):
+            try:
+                resp = stub.Status(inference_pb2.InferenceServiceStatusRequest(), timeout=timeout_s)
+            except grpc.RpcError as exc:
+                raise PublishError(f"{target}: Status failed: {exc.details()}") from exc
+            out.append(int(resp.policy_version))
+        return out
 
     def _confirm(self, target: str, version: int, got: int) -> None:
         if got != version:

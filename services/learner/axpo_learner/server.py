@@ -8,11 +8,21 @@ a background thread while the main thread serves ``LearnerService``. The process
 the loop ends: ``max_steps`` reached (exit 0), a SIGTERM/SIGINT (the loop stops after its
 current step and checkpoints; exit 0), or an error in the loop (raised: non-zero exit, for the
 supervisor to restart it; the restart resumes from the newest checkpoint).
+
+Under torchrun (``torchrun --nproc-per-node N -m axpo serve learner ...``) every worker calls
+:func:`serve`: the model is sharded with FSDP2 over the N processes (gloo on CPU, NCCL on
+GPUs). Rank 0 does all of the above (queue, gRPC Status, metrics, publication); the other
+ranks build the trainer and a queue-less loop and run it in their main thread, with
+SIGTERM/SIGINT handlers that vote to stop (see ``axpo_learner.loop``). A SIGTERM to the
+torchrun process group stops every rank after its current step and the final checkpoint.
+torchrun itself exits non-zero when signalled, and SIGKILLs workers that outlive its
+``--shutdown-timeout`` (30 s by default: give it more than a step plus a checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +36,7 @@ from axpo.metrics_export import StepMetrics, append_jsonl
 from axpo.queue import TrajectoryQueue, connect
 from axpo.rpc.server import RunningServer, ServiceRegistration, serve_forever, start_server
 from axpo.v1 import learner_pb2, learner_pb2_grpc
+from axpo_learner import distributed
 from axpo_learner.loop import LearnerLoop
 from axpo_learner.publish import PathPublisher, StreamPublisher, WeightPublisher
 from axpo_learner.trainer import Trainer
@@ -113,8 +124,47 @@ def _sink(
 
 def serve(settings: LearnerSettings, port_file: Path | None = None) -> None:
     """Train and serve Status until the loop ends or SIGTERM/SIGINT. Writes the bound port to
-    ``port_file`` once the model is loaded and the server listens."""
+    ``port_file`` once the model is loaded and the server listens. Under torchrun: see the
+    module docstring (only rank 0 serves, writes ``port_file`` and publishes)."""
     configure_logging(settings.log, service="learner")
+    world = distributed.init_from_env()
+    try:
+        if world.rank == 0:
+            _serve_leader(settings, port_file)
+        else:
+            _run_follower(settings)
+    finally:
+        distributed.shutdown()
+
+
+def _run_follower(settings: LearnerSettings) -> None:
+    """A rank other than 0: train with the others; no queue, no gRPC, no publication."""
+    loops: list[LearnerLoop] = []
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %s: stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+        for loop in loops:
+            loop.request_stop()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _, spec = resolve_job(settings)
+        algorithm = spec.algorithm if isinstance(spec, JobSpec) else spec
+        loop = LearnerLoop(settings, spec, None, Trainer(settings, algorithm))
+        loops.append(loop)
+        if stop.is_set():  # a signal while the model was loading
+            loop.request_stop()
+        loop.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve_leader(settings: LearnerSettings, port_file: Path | None) -> None:
     job_id, spec = resolve_job(settings)
     algorithm = spec.algorithm if isinstance(spec, JobSpec) else spec
     queue_settings = settings.queue.model_copy(update={"max_policy_lag": settings.max_policy_lag})

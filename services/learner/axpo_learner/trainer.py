@@ -181,14 +181,29 @@ class Trainer:
             padded_tokens=float(sum(mb.padded_tokens for mb in batches)),
             step_s=time.perf_counter() - started,
         )
-        log.info(
-            "step %d: loss %.4g, mismatch %.3g, clip %.3g",
-            self.step,
-            metrics.get("loss", 0.0),
-            metrics.get("logprob_mismatch_mean", 0.0),
-            metrics.get("clip_fraction", 0.0),
-        )
+        if self.world.rank == 0:
+            log.info(
+                "step %d: loss %.4g, mismatch %.3g, clip %.3g",
+                self.step,
+                metrics.get("loss", 0.0),
+                metrics.get("logprob_mismatch_mean", 0.0),
+                metrics.get("clip_fraction", 0.0),
+            )
         return metrics
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's tensors under ``state_dict`` names, on CPU, for publication.
+        Under FSDP2 the shards are gathered to rank 0 (a collective: call it on every rank) and
+        other ranks get None; in one process it is the model's own state dict (no copy)."""
+        if not self.world.distributed:
+            return dict(self.model.state_dict())
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if self.world.rank != 0:
+            return None
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
