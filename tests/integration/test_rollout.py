@@ -157,7 +157,7 @@ def _job(name: str, algorithm_name: str, model_dir: Path) -> JobSpec:
 
 def _train(
     spec: JobSpec, services: Services, redis_url: str, tmp: Path
-) -> tuple[list[dict[str, float]], list[list[Group]], list[Group]]:
+) -> tuple[list[dict[str, float]], list[list[Group]], list[Group], AgentLoop]:
     """Run one job: a learner loop and a rollout worker on threads until ``spec.steps``."""
     queue_settings = QueueSettings(
         redis_url=redis_url, block_ms=200, max_backlog=2, backpressure_timeout_s=5
@@ -227,7 +227,7 @@ def _train(
     client.close()
     assert loop.status().error == ""
     assert len(records) == spec.steps, "the learner did not finish its steps in time"
-    return records, trainer.steps_groups, produced
+    return records, trainer.steps_groups, produced, agent
 
 
 def _recount(groups: list[Group], version: int) -> dict[str, float]:
@@ -295,7 +295,7 @@ def test_grpo_steps_never_resample(
 ) -> None:
     spec = _job("it-grpo", "grpo", model_dir)
     start = services.engine.policy_version + 1
-    records, steps_groups, produced = _train(spec, services, redis_url, tmp_path)
+    records, steps_groups, produced, _agent = _train(spec, services, redis_url, tmp_path)
     _check_common(records, steps_groups, produced, start)
     assert not any(t.resampled_from for g in produced for t in g.trajectories)
     assert all(r["resampled_rollouts"] == 0 for r in records)
@@ -306,7 +306,7 @@ def test_axpo_resamples_exactly_when_its_condition_holds(
 ) -> None:
     spec = _job("it-axpo", "axpo", model_dir)
     start = services.engine.policy_version + 1
-    records, steps_groups, produced = _train(spec, services, redis_url, tmp_path)
+    records, steps_groups, produced, agent = _train(spec, services, redis_url, tmp_path)
     _check_common(records, steps_groups, produced, start)
     tool_rollouts = sum(bool(t.tool_calls) for g in produced for t in g.trajectories)
     assert tool_rollouts > 0, "the warm-started model never called the tool"
@@ -329,4 +329,11 @@ def test_axpo_resamples_exactly_when_its_condition_holds(
             assert r.logprobs[:k] == parent.logprobs[:k]
             call = next(s for s in parent.segments if s.kind == SegmentKind.TOOL_CALL)
             assert k == call.start
-    print(f"AXPO triggered on {triggered} of {len(produced)} groups")
+    # Speculative resampling (on by default): every kept prefix was resumed from the first
+    # turns, and every speculative resume was either kept or cancelled.
+    spec_counts = agent.speculation
+    assert spec_counts.used == sum(
+        len({r.resampled_from for r in g.trajectories if r.resampled_from}) for g in produced
+    )
+    assert spec_counts.launched == spec_counts.used + spec_counts.cancelled
+    print(f"AXPO triggered on {triggered} of {len(produced)} groups; speculation {spec_counts}")

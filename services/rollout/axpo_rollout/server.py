@@ -40,6 +40,21 @@ def _metrics(worker: RolloutWorker, port: int) -> object:
                 ("tool_calls", c.tool_calls, "tool calls made by rollouts"),
                 ("failures", c.failures, "questions that failed (service errors)"),
                 ("dead_lettered", c.dead_lettered, "questions dead-lettered"),
+                (
+                    "speculative_resumes_launched",
+                    worker.loop.speculation.launched,
+                    "AXPO resumes started from first turns, before the originals were scored",
+                ),
+                (
+                    "speculative_resumes_used",
+                    worker.loop.speculation.used,
+                    "speculative resumes kept (the condition held)",
+                ),
+                (
+                    "speculative_resumes_cancelled",
+                    worker.loop.speculation.cancelled,
+                    "speculative resumes cancelled (a tool user was correct): discarded work",
+                ),
             ):
                 yield CounterMetricFamily(f"axpo_rollout_{name}", doc, value=value)
 
