@@ -337,7 +337,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench.run(rounds=args.rounds)
     elif args.target == "rollout":
         model = Path(args.model) if args.model else None
-        result = bench.run(model, questions=args.questions, group_size=args.group_size)
+        result = bench.run(
+            model, questions=args.questions, group_size=args.group_size, rounds=args.rounds
+        )
     else:
         result = bench.run(calls=args.calls)
     if args.json:
@@ -503,7 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--items", type=int, default=20_000, help="non-math items per round")
     bench.add_argument("--math-items", type=int, default=200, help="math items per round")
     bench.add_argument(
-        "--rounds", type=int, default=3, help="rounds (the best is reported; verifier, inference)"
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds (the best is reported; verifier, inference, rollout)",
     )
     bench.add_argument("--calls", type=int, default=50, help="calls per tool figure (tools)")
     bench.add_argument("--groups", type=int, default=200, help="groups through Redis (queue)")

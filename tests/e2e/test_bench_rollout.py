@@ -51,7 +51,18 @@ SHARES = (
 
 def test_bench_rollout_prints_every_figure():
     out = subprocess.run(
-        [*AXPO, "bench", "rollout", "--json", "--questions", "2", "--group-size", "2"],
+        [
+            *AXPO,
+            "bench",
+            "rollout",
+            "--json",
+            "--questions",
+            "2",
+            "--group-size",
+            "2",
+            "--rounds",
+            "1",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -69,6 +80,8 @@ def test_bench_rollout_prints_every_figure():
         assert result[key] > 0, key
     assert result["axpo_vs_grpo_ratio"] > 0
     assert result["axpo_sequential_step_s"] > 0
+    assert result["rounds"] == 1
+    assert len(result["axpo_vs_grpo_ratio_by_round"]) == 1
     spec = result["speculative_resumes"]
     assert spec["used"] + spec["cancelled"] <= spec["launched"]
     for key in SHARES:

@@ -71,8 +71,11 @@ DEFINITIONS = {
     "axpo_sequential_step_s": "the AXPO loop with algorithm.speculative_resampling off "
     "(resampling starts after the group is scored), same questions and seed, timed last",
     "axpo_sequential_vs_grpo_ratio": "axpo_sequential_step_s / grpo_step_s",
-    "speculative_resumes": "AXPO's speculative ResumeFromPrefix calls in the timed batch: "
-    "launched, used (the condition held) and cancelled (a tool user was correct)",
+    "speculative_resumes": "AXPO's speculative ResumeFromPrefix calls in the timed batches (all "
+    "rounds): launched, used (the condition held) and cancelled (a tool user was correct)",
+    "rounds": "each loop ran its batch this many times, the loops interleaved (AXPO, GRPO, "
+    "sequential AXPO per round); every *_step_s is that loop's fastest batch (shared machine)",
+    "axpo_vs_grpo_ratio_by_round": "axpo / grpo wall time of each round's two batches",
     "speculative_waste_share": "cancelled / launched speculative resumes: work started for "
     "groups that turned out not to need it (aborted when the condition failed)",
     "trajectories_per_s": "GRPO trajectories (questions x group_size) / grpo_step_s",
@@ -260,11 +263,18 @@ def _loop_spec(spec: JobSpec, name: str, group_size: int, model: Path, **algorit
 
 
 def run(
-    model_dir: Path | None = None, questions: int = 8, group_size: int = 4, seed: int = 0
+    model_dir: Path | None = None,
+    questions: int = 8,
+    group_size: int = 4,
+    seed: int = 0,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Start the services, time both loops on the same questions, stop everything."""
+    """Start the services, time the loops on the same questions (``rounds`` times, the loops
+    interleaved; each loop's fastest batch is reported), stop everything."""
     if questions < 1:
         raise ValueError(f"questions must be >= 1, got {questions}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2, got {group_size}")
     config = _config_path()
@@ -334,13 +344,18 @@ def run(
             inflight = spec.rollout.inflight_questions
             _run_batch(grpo, [warmup], calls, "warmup-grpo", 1)
             _run_batch(axpo, [warmup], calls, "warmup-axpo", 1)
+            batches: dict[str, list[_Batch]] = {"axpo": [], "grpo": [], "seq": []}
             before = replace(axpo.speculation)
-            a = _run_batch(axpo, tasks, calls, "axpo", inflight)
+            for r in range(rounds):
+                batches["axpo"].append(_run_batch(axpo, tasks, calls, f"axpo-{r}", inflight))
+                batches["grpo"].append(_run_batch(grpo, tasks, calls, f"grpo-{r}", inflight))
+                batches["seq"].append(
+                    _run_batch(sequential, tasks, calls, f"axpo-sequential-{r}", inflight)
+                )
             launched = axpo.speculation.launched - before.launched
             used = axpo.speculation.used - before.used
             cancelled = axpo.speculation.cancelled - before.cancelled
-            g = _run_batch(grpo, tasks, calls, "grpo", inflight)
-            q = _run_batch(sequential, tasks, calls, "axpo-sequential", inflight)
+            a, g, q = (min(batches[k], key=lambda b: b.wall_s) for k in ("axpo", "grpo", "seq"))
         finally:
             if backend is not None:
                 backend.close()
@@ -362,6 +377,11 @@ def run(
         "group_size": group_size,
         "inflight_questions": inflight,
         "seed": seed,
+        "rounds": rounds,
+        "axpo_vs_grpo_ratio_by_round": [
+            round(x.wall_s / y.wall_s, 3)
+            for x, y in zip(batches["axpo"], batches["grpo"], strict=True)
+        ],
         "grpo_step_s": round(g.wall_s, 3),
         "axpo_step_s": round(a.wall_s, 3),
         "axpo_vs_grpo_ratio": round(a.wall_s / g.wall_s, 3),
