@@ -30,6 +30,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 
 from axpo.tiny_model import build_tiny_model  # noqa: E402
 from axpo_inference.engine import InferenceEngine  # noqa: E402
+from axpo_inference.errors import InvalidRequestError  # noqa: E402
 from axpo_inference.server import start  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -391,6 +392,54 @@ def test_load_weights_path_and_stream_match_transformers(
     (s2,) = engine.generate(ids, [IMG_A], GREEDY)
     assert s2.policy_version == v + 2
     assert list(s2.token_ids) == _hf_greedy(model_dir, processor, ONE_IMAGE, [IMG_A], 16, state2)
+
+
+@pytest.mark.parametrize("loader", ["direct", "vllm"])
+def test_each_weight_loader_matches_transformers_from_a_file(
+    engine: InferenceEngine,
+    processor: Any,
+    model_dir: Path,
+    tmp_path: Path,
+    loader: str,
+) -> None:
+    """The default loader ("direct": one pause that resets the caches, the file straight into
+    vLLM's in-place reload, embedding tables loaded into their live parameters, no
+    input-embedding re-pack) and the generic one ("vllm") give transformers' outputs on the
+    loaded weights, with images whose encoder outputs were cached under the old weights. (The
+    tied head: tests/e2e/test_inference_serve.py.)"""
+    ids = _ids(processor, TWO_IMAGES)
+    engine.generate(ids, [IMG_A, IMG_B], GREEDY)  # both images enter the encoder cache
+    v = engine.policy_version
+    state = _perturbed(model_dir, 7 if loader == "direct" else 8)
+    save_file(state, str(tmp_path / "w.safetensors"))  # a file, not a directory
+    previous = engine.weight_loader
+    engine.weight_loader = loader
+    try:
+        result = engine.load_weights_from_path(tmp_path / "w.safetensors", v + 1)
+    finally:
+        engine.weight_loader = previous
+    assert (result.policy_version, result.tensors_loaded) == (v + 1, len(state))
+    if loader == "direct":
+        assert {"drain_ms", "pause_and_reset_ms", "load_rpc_ms", "resume_ms"} <= set(
+            result.stages_ms
+        )
+        assert result.stages_ms["worker_embeddings_in_place"] == 2  # input table and head
+        assert result.stages_ms["worker_embeddings_not_packed"] == 1  # the input table
+        assert result.stages_ms["worker_repacked_head"] == 0  # re-packed by the reload
+    else:
+        assert "reload_rpc_ms" in result.stages_ms
+    (s,) = engine.generate(ids, [IMG_A, IMG_B], GREEDY)
+    assert s.policy_version == v + 1
+    want = _hf_greedy(model_dir, processor, TWO_IMAGES, [IMG_A, IMG_B], 16, state)
+    assert list(s.token_ids) == want
+
+
+def test_an_unknown_weight_loader_is_refused(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AXPO_WEIGHT_LOADER", "nccl")
+    with pytest.raises(InvalidRequestError, match="AXPO_WEIGHT_LOADER"):
+        InferenceEngine(InferenceSettings(model=str(model_dir)))  # before vLLM starts
 
 
 def test_bad_weight_loads_are_refused_and_the_engine_serves(

@@ -54,6 +54,8 @@ PUBLISH_DEFINITIONS = {
     "stream_vs_copy_ratio": "publish_stream_s / copy_s",
     "publish_bytes": "tensor bytes per publication (PublishResult.bytes)",
     "publish_file_bytes": "size of the published model.safetensors (tensors + header)",
+    "publish_weight_loader": "the replica's AXPO_WEIGHT_LOADER: 'direct' (default) or 'vllm' "
+    "(vLLM's generic pause + disk reload + separate cache resets, the path before 2026-12-01)",
 }
 
 
@@ -145,10 +147,12 @@ def measure_publish(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     seed: int = 0,
     startup_timeout_s: float = 600.0,
+    weight_loader: str = "direct",
 ) -> dict[str, Any]:
     """Publish versions ``1..versions`` (after one warm-up version) of the tiny model to one
     real inference replica with each transport, and copy the published file as many times;
-    medians (see :data:`PUBLISH_DEFINITIONS`)."""
+    medians (see :data:`PUBLISH_DEFINITIONS`). ``weight_loader``: the replica's
+    ``AXPO_WEIGHT_LOADER`` ("direct", its default, or "vllm", the generic path it replaced)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -177,6 +181,7 @@ def measure_publish(
                     "AXPO_INFERENCE_MODEL": str(model_dir.resolve()),
                     "AXPO_INFERENCE_MAX_MODEL_LEN": "1024",
                     "AXPO_INFERENCE_SEED": str(seed),
+                    "AXPO_WEIGHT_LOADER": weight_loader,
                 },
             )
             launcher.wait_ready([inference], startup_timeout_s)
@@ -219,6 +224,7 @@ def measure_publish(
         "publish_replicas": 1,
         "publish_versions": versions,
         "publish_dir_kind": "/dev/shm" if shm.is_dir() else "temporary directory",
+        "publish_weight_loader": weight_loader,
         "publish_bytes": max(sizes),
         "publish_file_bytes": file_bytes,
         "publish_s": round(publish_s, 4),
