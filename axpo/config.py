@@ -500,13 +500,14 @@ class AlgorithmSpec(BaseModel):
     """Normalize advantages over the group plus resamples, or per shared prefix."""
     mask_frozen_prefix: bool = True
     """Exclude the frozen prefix of resampled rollouts from the loss."""
-    speculative_resampling: bool = True
+    speculative_resampling: bool = False
     """Start AXPO's resamples as soon as the first turns are sampled (they depend only on the
     frozen prefixes, known then), while the original rollouts still run, and keep them only
     if the condition holds once those are scored; cancel them as soon as a tool user is
-    correct. Same samples, shorter group latency, some discarded work. Applies with
-    ``tool_call_anchor: first`` (later calls are not known early); false: resample after
-    scoring, strictly in sequence."""
+    correct. Same samples, shorter group latency, some discarded work: worth it when the
+    engine has spare batch capacity and answers after a tool call are long; on the 2-core CPU
+    bench it saved nothing (README). Applies with ``tool_call_anchor: first``; false:
+    resample after scoring, in sequence."""
 
 
 class RewardSpec(BaseModel):

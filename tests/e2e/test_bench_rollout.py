@@ -25,8 +25,8 @@ KEYS = {
     "grpo_step_s",
     "axpo_step_s",
     "axpo_vs_grpo_ratio",
-    "axpo_sequential_step_s",
-    "axpo_sequential_vs_grpo_ratio",
+    "axpo_speculative_step_s",
+    "axpo_speculative_vs_grpo_ratio",
     "speculative_resumes",
     "speculative_waste_share",
     "trajectories_per_s",
@@ -79,7 +79,7 @@ def test_bench_rollout_prints_every_figure():
     for key in ("grpo_step_s", "axpo_step_s", "trajectories_per_s", "axpo_trajectories_per_s"):
         assert result[key] > 0, key
     assert result["axpo_vs_grpo_ratio"] > 0
-    assert result["axpo_sequential_step_s"] > 0
+    assert result["axpo_speculative_step_s"] > 0
     assert result["rounds"] == 1
     assert len(result["axpo_vs_grpo_ratio_by_round"]) == 1
     spec = result["speculative_resumes"]

@@ -146,7 +146,8 @@ def _job(name: str, algorithm_name: str, model_dir: Path) -> JobSpec:
             "steps": 3,
             "questions_per_step": 2,
             "algorithm": spec.algorithm.model_copy(
-                update={"name": algorithm_name, "group_size": 4}
+                # Speculation on (the default is off): the real engine exercises cancelling.
+                update={"name": algorithm_name, "group_size": 4, "speculative_resampling": True}
             ),
             "rollout": spec.rollout.model_copy(
                 update={"max_new_tokens": 128, "inflight_questions": 1}
@@ -329,7 +330,7 @@ def test_axpo_resamples_exactly_when_its_condition_holds(
             assert r.logprobs[:k] == parent.logprobs[:k]
             call = next(s for s in parent.segments if s.kind == SegmentKind.TOOL_CALL)
             assert k == call.start
-    # Speculative resampling (on by default): every kept prefix was resumed from the first
+    # Speculative resampling (on in this job): every kept prefix was resumed from the first
     # turns, and every speculative resume was either kept or cancelled.
     spec_counts = agent.speculation
     assert spec_counts.used == sum(

@@ -35,7 +35,7 @@ vLLM; tool calls overlap with other rollouts' generations). Then one batched Sco
 continuations run the same loop; the frozen prefix (tokens, logprobs, entropies, segments,
 tool calls and images before the anchor call) is copied verbatim from the original.
 
-**Speculative resampling** (``algorithm.speculative_resampling``, default on, with
+**Speculative resampling** (``algorithm.speculative_resampling``, off by default, with
 ``tool_call_anchor: first``). The prefixes AXPO would keep depend only on the first turns
 (:func:`axpo.algorithm.speculative_prefixes`): the tool users are the rollouts whose first turn
 called a tool, and the uncertainty is measured on that call. So the loop starts those

@@ -13,8 +13,9 @@ questions (task seeds ``seed .. seed+questions-1``), ``rollout.inflight_question
 (a thread pool of ``run_group`` calls, as the worker keeps them in flight). One warm-up group
 per loop (task seed ``seed+questions``) runs before timing. AXPO's batch is timed first: GRPO's
 batch then finds the same prompts in vLLM's prefix cache, so the AXPO/GRPO ratio is if
-anything overstated. A third batch, AXPO with ``speculative_resampling: false`` (resampling
-after scoring, in sequence), runs last for comparison.
+anything overstated. The AXPO loop runs as the job configures it (``speculative_resampling``
+off by default); a third batch, AXPO with speculative resampling on (resumes started from the
+first turns, cancelled when a tool user is correct), runs last for comparison.
 
 Model: ``--model DIR``; else the job's warm-started tiny model
 (``.cache/models/tiny-qwen3-vl-warm``, built by ``axpo run configs/tiny-cpu-axpo.yaml``) when
@@ -68,14 +69,19 @@ DEFINITIONS = {
     "axpo_step_s": "the same for the AXPO loop (same questions, same sampling seed); timed "
     "before GRPO, so GRPO reuses vLLM's prefix cache of the same prompts",
     "axpo_vs_grpo_ratio": "axpo_step_s / grpo_step_s (floor: <= 1.35)",
-    "axpo_sequential_step_s": "the AXPO loop with algorithm.speculative_resampling off "
-    "(resampling starts after the group is scored), same questions and seed, timed last",
-    "axpo_sequential_vs_grpo_ratio": "axpo_sequential_step_s / grpo_step_s",
-    "speculative_resumes": "AXPO's speculative ResumeFromPrefix calls in the timed batches (all "
-    "rounds): launched, used (the condition held) and cancelled (a tool user was correct)",
+    "axpo_speculative_step_s": "the AXPO loop with algorithm.speculative_resampling on "
+    "(resumes start from the first turns, while the originals run), same questions and seed, "
+    "timed last",
+    "axpo_speculative_vs_grpo_ratio": "axpo_speculative_step_s / grpo_step_s",
+    "speculative_resumes": "the speculative loop's early ResumeFromPrefix calls in the timed "
+    "batches (all rounds): launched, used (the condition held) and cancelled (a tool user was "
+    "correct)",
     "rounds": "each loop ran its batch this many times, the loops interleaved (AXPO, GRPO, "
-    "sequential AXPO per round); every *_step_s is that loop's fastest batch (shared machine)",
+    "speculative AXPO per round); every *_step_s is that loop's fastest batch (shared machine)",
     "axpo_vs_grpo_ratio_by_round": "axpo / grpo wall time of each round's two batches",
+    "axpo_vs_grpo_token_ratio": "tokens the model sampled in AXPO's batch (originals + kept "
+    "resamples, frozen prefixes not counted) / in GRPO's: the work ratio an engine with no "
+    "spare batch capacity cannot beat",
     "speculative_waste_share": "cancelled / launched speculative resumes: work started for "
     "groups that turned out not to need it (aborted when the condition failed)",
     "trajectories_per_s": "GRPO trajectories (questions x group_size) / grpo_step_s",
@@ -241,6 +247,11 @@ def _first_turn(t: Trajectory) -> tuple[int, ...]:
     return t.token_ids[t.prompt_length : end]
 
 
+def _generated(trajectories: Sequence[Trajectory]) -> int:
+    """Tokens the model sampled (loss-masked), a resample's frozen prefix not counted."""
+    return sum(sum(t.loss_mask[t.frozen_prefix_length :]) for t in trajectories)
+
+
 def _share(hits: int, total: int) -> float:
     return round(hits / total, 4) if total else 0.0
 
@@ -328,10 +339,17 @@ def run(
             axpo = AgentLoop(
                 timed, vocab, _loop_spec(spec, "axpo", group_size, model), tool_specs, seed=seed
             )
-            sequential = AgentLoop(
+            speculative = AgentLoop(
                 timed,
                 vocab,
-                _loop_spec(spec, "axpo", group_size, model, speculative_resampling=False),
+                _loop_spec(
+                    spec,
+                    "axpo",
+                    group_size,
+                    model,
+                    speculative_resampling=True,
+                    tool_call_anchor="first",
+                ),
                 tool_specs,
                 seed=seed,
             )
@@ -344,18 +362,19 @@ def run(
             inflight = spec.rollout.inflight_questions
             _run_batch(grpo, [warmup], calls, "warmup-grpo", 1)
             _run_batch(axpo, [warmup], calls, "warmup-axpo", 1)
-            batches: dict[str, list[_Batch]] = {"axpo": [], "grpo": [], "seq": []}
-            before = replace(axpo.speculation)
+            _run_batch(speculative, [warmup], calls, "warmup-axpo-speculative", 1)
+            batches: dict[str, list[_Batch]] = {"axpo": [], "grpo": [], "spec": []}
+            before = replace(speculative.speculation)
             for r in range(rounds):
                 batches["axpo"].append(_run_batch(axpo, tasks, calls, f"axpo-{r}", inflight))
                 batches["grpo"].append(_run_batch(grpo, tasks, calls, f"grpo-{r}", inflight))
-                batches["seq"].append(
-                    _run_batch(sequential, tasks, calls, f"axpo-sequential-{r}", inflight)
+                batches["spec"].append(
+                    _run_batch(speculative, tasks, calls, f"axpo-speculative-{r}", inflight)
                 )
-            launched = axpo.speculation.launched - before.launched
-            used = axpo.speculation.used - before.used
-            cancelled = axpo.speculation.cancelled - before.cancelled
-            a, g, q = (min(batches[k], key=lambda b: b.wall_s) for k in ("axpo", "grpo", "seq"))
+            launched = speculative.speculation.launched - before.launched
+            used = speculative.speculation.used - before.used
+            cancelled = speculative.speculation.cancelled - before.cancelled
+            a, g, q = (min(batches[k], key=lambda b: b.wall_s) for k in ("axpo", "grpo", "spec"))
         finally:
             if backend is not None:
                 backend.close()
@@ -385,10 +404,15 @@ def run(
         "grpo_step_s": round(g.wall_s, 3),
         "axpo_step_s": round(a.wall_s, 3),
         "axpo_vs_grpo_ratio": round(a.wall_s / g.wall_s, 3),
-        "axpo_sequential_step_s": round(q.wall_s, 3),
-        "axpo_sequential_vs_grpo_ratio": round(q.wall_s / g.wall_s, 3),
+        "axpo_speculative_step_s": round(q.wall_s, 3),
+        "axpo_speculative_vs_grpo_ratio": round(q.wall_s / g.wall_s, 3),
         "speculative_resumes": {"launched": launched, "used": used, "cancelled": cancelled},
         "speculative_waste_share": _share(cancelled, launched),
+        "grpo_generated_tokens": _generated(grpo_trajs),
+        "axpo_generated_tokens": _generated(axpo_trajs),
+        "axpo_vs_grpo_token_ratio": round(
+            _generated(axpo_trajs) / max(1, _generated(grpo_trajs)), 3
+        ),
         "trajectories_per_s": round(len(grpo_trajs) / g.wall_s, 2),
         "axpo_trajectories_per_s": round(len(axpo_trajs) / a.wall_s, 2),
         "axpo_resampled_rollouts": sum(1 for t in axpo_trajs if t.resampled_from),
@@ -434,8 +458,8 @@ def print_table(result: dict[str, Any]) -> None:
     sr = r["speculative_resumes"]
     print(
         f"  speculative resumes: {sr['launched']} launched, {sr['used']} used, "
-        f"{sr['cancelled']} cancelled; sequential AXPO / GRPO: "
-        f"{r['axpo_sequential_vs_grpo_ratio']:.3f}"
+        f"{sr['cancelled']} cancelled; speculative AXPO / GRPO: "
+        f"{r['axpo_speculative_vs_grpo_ratio']:.3f}"
     )
     print(f"  tool-call rate    : {r['tool_call_rate']:8.3f}")
     print(f"  resampled groups  : {r['resampled_groups_share']:8.3f}")

@@ -167,7 +167,7 @@ class Scripted:
         return self.verifier.score(items, weights)
 
 
-def job(name: str = "axpo", g: int = 2, *, speculative: bool = True, **rollout: object) -> JobSpec:
+def job(name: str = "axpo", g: int = 2, *, speculative: bool = False, **rollout: object) -> JobSpec:
     return JobSpec(
         name="t",
         model="unused",
@@ -377,7 +377,7 @@ def test_speculative_resampling_starts_while_the_originals_still_run(
         resumed=[answer(task.gold, "Now I see it.")],
         call_entropies=[0.9, 0.2, 0.1, 0.1],
     )
-    loop = AgentLoop(backend, vocab, job("axpo", g=4), [ZOOM])
+    loop = AgentLoop(backend, vocab, job("axpo", g=4, speculative=True), [ZOOM])
     group = loop.run_group(task)
     # The originals' second turns were held until a resume had started: it ran before they
     # finished (in sequence, each would have waited the full 5 s and found no resume).
@@ -405,7 +405,7 @@ def test_a_correct_tool_user_cancels_the_speculative_resample(
         answer(task.gold),
         resume_blocks=True,
     )
-    loop = AgentLoop(backend, vocab, job("axpo", g=3), [ZOOM])
+    loop = AgentLoop(backend, vocab, job("axpo", g=3, speculative=True), [ZOOM])
     group = loop.run_group(task)
     assert backend.resume_started.is_set()
     assert not any(t.resampled_from for t in group.trajectories)
