@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="assumed learner step time for the headroom figure (queue)",
     )
     bench.add_argument("--redis-url", help="an existing Redis (queue; default: a private one)")
-    bench.add_argument("--questions", type=int, default=8, help="questions per batch (rollout)")
+    bench.add_argument("--questions", type=int, default=32, help="questions per batch (rollout)")
     bench.add_argument("--group-size", type=int, default=4, help="rollouts per question (rollout)")
     bench.add_argument(
         "--model", metavar="DIR", help="checkpoint (rollout; default: the warm tiny model if built)"

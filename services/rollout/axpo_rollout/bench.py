@@ -275,7 +275,7 @@ def _loop_spec(spec: JobSpec, name: str, group_size: int, model: Path, **algorit
 
 def run(
     model_dir: Path | None = None,
-    questions: int = 8,
+    questions: int = 32,
     group_size: int = 4,
     seed: int = 0,
     rounds: int = 1,
