@@ -112,6 +112,14 @@ class MemoryCgroups:
                     _write(os.path.join(path, "memory.swap.max"), "0")
             self._limits[key] = limit_bytes
 
+    def pids(self, key: int) -> list[int] | None:
+        """The processes in ``key``'s group (``None`` if it cannot be read)."""
+        try:
+            with open(os.path.join(self.paths[key], "cgroup.procs"), "rb") as f:
+                return [int(line) for line in f.read().split()]
+        except (OSError, ValueError):
+            return None
+
     def oom_killed(self, key: int) -> bool:
         """Whether the kernel OOM-killed in ``key``'s group since the last call."""
         name = "memory.oom_control" if self.version == 1 else "memory.events"

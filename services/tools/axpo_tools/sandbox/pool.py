@@ -6,6 +6,15 @@ uids are claimed host-wide with ``flock`` on files in ``/run/lock/axpo-sandbox``
 the sandbox closes or its process dies), so sandboxes in different processes on one host never
 share one. Warm slots keep a zygote with numpy and PIL imported; cold slots start a fresh
 ``python -I`` zygote for each request (same isolation, nothing preloaded).
+
+A request goes straight to the child its zygote prepared (see :mod:`.zygote`): the server
+sends it the request, reads its output and status, enforces the wall clock through its pidfd,
+and opens the images it left in ``out/``. The child's last act is a complete status report;
+the server then kills its process tree (the PID namespace's init) and answers at once. The
+kernel's teardown of the run's namespaces (a few milliseconds) and the zygote's reaping
+happen after the answer; the worker takes no other request until its zygote has reported
+the run reaped, and then checks that no process of the run's uid is left.
+:meth:`PythonSandbox.wait_reaped` waits for that on every worker.
 """
 
 from __future__ import annotations
@@ -13,17 +22,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
+import math
 import os
 import queue
 import select
+import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import asdict
 from types import MappingProxyType, TracebackType
@@ -39,14 +53,21 @@ __all__ = ["OUTPUT_KILL_FACTOR", "PythonSandbox", "uid_processes"]
 # Output beyond output_bytes * OUTPUT_KILL_FACTOR (at least 1 MiB) stops the run.
 OUTPUT_KILL_FACTOR = 64
 _OUTPUT_KILL_MIN = 1 << 20
-# Extra wall-clock the server allows past wall_s before it kills the child itself, and then
-# before it gives up on the zygote and replaces it.
-_KILL_GRACE_S = 1.0
-_ZYGOTE_GRACE_S = 2.0
+# After a run's child is killed or has exited: how long its exit may take to show, and
+# then to be reported by its zygote (with the end of its output), before the zygote is
+# presumed stuck and replaced.
+_EXIT_GRACE_S = 2.0
 _SETUP_TIMEOUT_WARM_S = 10.0
 _SETUP_TIMEOUT_COLD_S = 60.0
 _READY_TIMEOUT_S = 120.0
+# How long a zygote may take to reap a run it has killed before it is replaced.
+_REAP_TIMEOUT_S = 5.0
+# A run still going after this long gets the next request's child prepared alongside it.
+_OVERLAP_AFTER_S = 0.003
+# Prepared children dying before their request (a broken host): then a request fails.
+_DEAD_SPARES_MAX = 3
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MAX_IMAGE_PIXELS = 64 << 20
 _NO_FILES: Mapping[str, bytes] = MappingProxyType({})
 _FILE_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -111,8 +132,9 @@ class _WorkerDiedError(Exception):
     """The zygote was gone before the request started; the request may be retried."""
 
 
-def uid_processes(uids: Collection[int]) -> dict[int, int]:
-    """Live host processes whose real, effective or saved uid is in ``uids``: ``{pid: ppid}``.
+def uid_processes(uids: Collection[int], pids: Collection[int] | None = None) -> dict[int, int]:
+    """Live host processes whose real, effective or saved uid is in ``uids``: ``{pid: ppid}``
+    (among ``pids``, or all).
 
     Reads /proc/PID/status, so a process that made itself non-dumpable is found too. Zombies
     are left out: they run nothing (a zombie orphaned by a killed zygote waits for the host's
@@ -120,25 +142,27 @@ def uid_processes(uids: Collection[int]) -> dict[int, int]:
     """
     wanted = {str(uid).encode() for uid in uids}
     found: dict[int, int] = {}
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/status", "rb") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            ppid = -1
-            for line in text.splitlines():
-                if line.startswith(b"State:") and line.split()[1:2] in ([b"Z"], [b"X"]):
-                    break
-                if line.startswith(b"PPid:"):
-                    ppid = int(line.split()[1])
-                elif line.startswith(b"Uid:"):
-                    if wanted & set(line.split()[1:4]):
-                        found[int(entry.name)] = ppid
-                    break
+    if pids is None:
+        with os.scandir("/proc") as entries:
+            names = [entry.name for entry in entries if entry.name.isdigit()]
+    else:
+        names = [str(pid) for pid in pids]
+    for name in names:
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                text = f.read()
+        except OSError:
+            continue
+        ppid = -1
+        for line in text.splitlines():
+            if line.startswith(b"State:") and line.split()[1:2] in ([b"Z"], [b"X"]):
+                break
+            if line.startswith(b"PPid:"):
+                ppid = int(line.split()[1])
+            elif line.startswith(b"Uid:"):
+                if wanted & set(line.split()[1:4]):
+                    found[int(name)] = ppid
+                break
     return found
 
 
@@ -197,12 +221,71 @@ def _read_image(fd: int, max_bytes: int) -> bytes | None:
     return data
 
 
-def _parse_result(raw: bytes) -> dict[str, Any] | None:
+def _readable(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether ``sock`` has something to read (or is closed), waiting up to ``timeout_s``."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+
+
+def _collect_images(sbx_fd: int, limits: SandboxLimits) -> tuple[tuple[bytes, ...], int, int]:
+    """The PNG images in the run's out/ (name order, up to ``max_images_out``), how many more
+    there were, and how many were not valid images (or not regular files).
+
+    ``sbx_fd`` is the run's working directory, its own tmpfs. Every step is relative to a
+    descriptor and refuses symbolic links; only regular files are read (a FIFO or device
+    would be skipped), at most ``file_bytes`` of each.
+    """
     try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+        out_fd = os.open("out", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=sbx_fd)
+    except OSError:
+        return (), 0, 0
+    images: list[bytes] = []
+    opened = skipped = bad = 0
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        names = sorted(n for n in os.listdir(out_fd) if n.lower().endswith(_IMAGE_SUFFIXES))
+        for name in names:
+            if opened >= limits.max_images_out:
+                skipped += 1
+                continue
+            try:
+                fd = os.open(name, flags, dir_fd=out_fd)
+            except OSError:
+                bad += 1
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    bad += 1
+                    continue
+                opened += 1
+                data = _read_image(fd, limits.file_bytes)
+            finally:
+                os.close(fd)
+            if data is None:
+                bad += 1
+            else:
+                images.append(data)
+    finally:
+        os.close(out_fd)
+    return tuple(images), skipped, bad
+
+
+def _drain(fd: int, capture: _Capture, stream: int, limit: int) -> None:
+    """Read what the pipe holds now (its writers are already killed), up to ``limit`` bytes."""
+    os.set_blocking(fd, False)
+    with contextlib.suppress(OSError):
+        while capture.total <= limit:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return
+            capture.feed(stream, data)
+
+
+@functools.lru_cache(maxsize=64)
+def _header(limits: SandboxLimits) -> bytes:
+    """The request header for ``limits`` (a frozen value: computed once)."""
+    return json.dumps({"limits": asdict(limits)}).encode()
 
 
 def _write_some(fd: int, pending: list[memoryview]) -> bool:
@@ -220,8 +303,76 @@ def _write_some(fd: int, pending: list[memoryview]) -> bool:
     return False
 
 
+class _Spare:
+    """A child the zygote forked ahead, waiting for a request: the server's handles on it."""
+
+    __slots__ = ("go", "pid", "pidfd", "sbx_fd", "status_r", "t", "tmp_bytes", "uid", "workdir")
+
+    def __init__(self, info: dict[str, Any], fds: list[int]) -> None:
+        self.pidfd, go, self.status_r, self.sbx_fd = fds
+        self.go: socket.socket | None = socket.socket(fileno=go)
+        self.pid = int(info["pid"])
+        self.uid = int(info["uid"])
+        self.tmp_bytes = int(info["tmp_bytes"])
+        self.workdir = str(info["workdir"])
+        self.t: dict[str, Any] = dict(info.get("t") or {})
+        os.set_blocking(self.status_r, False)
+
+    def kill(self) -> None:
+        """SIGKILL it (sandboxed, its PID namespace's init: every process of its run dies)."""
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def read_status(self, status: bytearray) -> bool:
+        """Append what the status pipe holds now; False at its end (or when over the cap)."""
+        try:
+            chunk = os.read(self.status_r, wire.MAX_STATUS - len(status))
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        status += chunk
+        return bool(chunk) and len(status) < wire.MAX_STATUS
+
+    def close_go(self) -> None:
+        if self.go is not None:
+            self.go.close()
+            self.go = None
+
+    def close(self, sandboxed: bool) -> None:
+        self.close_go()
+        for fd in (self.pidfd, self.status_r, self.sbx_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pidfd = self.status_r = self.sbx_fd = -1
+        if not sandboxed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _final_report(status: bytes | bytearray) -> dict[str, Any] | None:
+    """The child's status once it is complete: its last act, a JSON object and a newline."""
+    if not status.endswith(b"}\n"):
+        return None
+    with contextlib.suppress(ValueError):
+        report = json.loads(status)
+        if isinstance(report, dict) and type(report.get("exit")) is int:
+            return report
+    return None
+
+
+class _SetupFailedError(Exception):
+    """The prepared child died before it could take the request (the message says why)."""
+
+
 class _Worker:
-    """One slot: its uid, and (warm) its long-lived zygote."""
+    """One slot: its two uids and (warm) its long-lived zygote, with the children the zygote
+    has prepared for coming requests.
+
+    The server hands a request straight to a prepared child (its request socket), reads its
+    output and status, enforces the wall clock and kills it through its pidfd. The zygote
+    only prepares children (when asked, at most one per uid) and reaps them, reporting each
+    exit on the control socket.
+    """
 
     def __init__(
         self,
@@ -242,6 +393,14 @@ class _Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.ctrl: socket.socket | None = None
         self.info: dict[str, Any] = {}
+        self.spares: deque[_Spare] = deque()
+        self.asked: list[int] = []  # tmp_bytes of the spares asked for, not yet received
+        self.exits: dict[int, dict[str, Any]] = {}  # the zygote's exit reports, by pid
+        self.watched: set[int] = set()  # the runs whose exit reports are wanted
+        self.dead_spares = 0
+        self.setup_error: str | None = None
+        # The last run when it was answered before the zygote reported it reaped: (pid, uid).
+        self.unreaped: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -274,33 +433,190 @@ class _Worker:
         finally:
             child.close()
         self.ctrl = parent
+        # The zygote starts by preparing one child.
+        self.asked = [self.tmp_bytes]
+        self.exits = {}
+        self.watched = set()
+        self.setup_error = None
+        self.dead_spares = 0
+        self.unreaped = None
         if wait_ready:
             self._wait_ready()
 
     def _wait_ready(self) -> None:
-        assert self.ctrl is not None
-        self.ctrl.settimeout(_READY_TIMEOUT_S)
+        deadline = time.monotonic() + _READY_TIMEOUT_S
         try:
-            raw = self.ctrl.recv(65536)
-        except OSError as exc:
+            while not self.info.get("ready"):
+                if not self._pump(deadline - time.monotonic()):
+                    raise RuntimeError("sandbox zygote did not start in time")
+        except _WorkerDiedError as exc:
             self.stop()
-            raise RuntimeError(f"sandbox zygote did not start: {exc}") from exc
-        finally:
-            if self.ctrl is not None:
-                self.ctrl.settimeout(None)
-        info = json.loads(raw) if raw else {"error": "exited during start"}
-        if not info.get("ready"):
+            raise RuntimeError("sandbox zygote exited during start") from exc
+        except RuntimeError:
             self.stop()
-            raise RuntimeError(f"sandbox zygote failed to start: {info.get('error')}")
-        self.info = info
+            raise
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _pump(self, timeout_s: float) -> bool:
+        """Take one message from the zygote, waiting up to ``timeout_s``; False if none came.
+        Raises :class:`_WorkerDiedError` when the zygote is gone."""
+        if self.ctrl is None:
+            raise _WorkerDiedError
+        if not _readable(self.ctrl, timeout_s):
+            return False
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.ctrl, 65536, 8)
+        except OSError as exc:
+            raise _WorkerDiedError from exc
+        if not msg and not fds:
+            raise _WorkerDiedError
+        try:
+            value = json.loads(msg)
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and "spare" in value and len(fds) == 4:
+            spare = _Spare(value["spare"], fds)
+            with contextlib.suppress(ValueError):
+                self.asked.remove(spare.tmp_bytes)
+            self.spares.append(spare)
+        elif isinstance(value, dict) and "exited" in value and not fds:
+            report = value["exited"]
+            pid = int(report["pid"])
+            dead = next((s for s in self.spares if s.pid == pid), None)
+            if pid in self.watched:
+                self.exits[pid] = report
+            elif dead is not None:
+                # A prepared child died before its request (a failed setup says why).
+                self.spares.remove(dead)
+                self.dead_spares += 1
+                status = bytearray()
+                dead.read_status(status)
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    self.setup_error = str(json.loads(status)["setup_error"])
+                dead.close(self.sandboxed)
+            # (Else a child this server discarded.)
+        elif isinstance(value, dict) and value.get("ready"):
+            self.info = value
+        elif isinstance(value, dict) and "error" in value:
+            raise RuntimeError(f"sandbox zygote failed to start: {value['error']}")
+        else:
+            for fd in fds:
+                os.close(fd)
+            _log().error("sandbox worker %d: unexpected message %r", self.index, msg[:200])
+        return True
+
+    def _ask(self, tmp_bytes: int, now: bool) -> None:
+        """Ask the zygote for another prepared child: ``now`` (as soon as one of the uids is
+        free), or once its other children have ended (the run that asks is over)."""
+        if self.ctrl is None:
+            raise _WorkerDiedError
+        try:
+            self.ctrl.send(json.dumps({"want": tmp_bytes, "now": now}).encode())
+        except OSError as exc:
+            raise _WorkerDiedError from exc
+        self.asked.append(tmp_bytes)
+
+    def _take_spare(self, tmp_bytes: int, deadline: float) -> _Spare:
+        """A prepared child with a tmpfs of ``tmp_bytes``, waiting for it until ``deadline``."""
+        while True:
+            for spare in self.spares:
+                if spare.tmp_bytes == tmp_bytes:
+                    self.spares.remove(spare)
+                    return spare
+            if self.setup_error is not None or self.dead_spares >= _DEAD_SPARES_MAX:
+                error = self.setup_error or "prepared children keep dying"
+                self.setup_error, self.dead_spares = None, 0
+                raise _SetupFailedError(error)
+            if tmp_bytes not in self.asked:
+                if self.spares and len(self.spares) + len(self.asked) >= len(self.uids):
+                    # Every uid is taken by children of another size: free one.
+                    other = self.spares.popleft()
+                    other.kill()
+                    other.close(self.sandboxed)
+                self._ask(tmp_bytes, now=True)
+            if not self._pump(deadline - time.monotonic()):
+                raise TimeoutError
+
+    def settle(self, timeout: float = _REAP_TIMEOUT_S) -> bool:
+        """Wait until the zygote has reported the last run reaped, then check that no
+        process of its uid is left (else kill them and log it). True when it was clean.
+
+        A run that reported its end is answered right after its process tree is killed,
+        before the kernel has torn its namespaces down; its zygote reaps it meanwhile. A
+        zygote that does not report within ``timeout`` is killed (its children die with it).
+        """
+        if self.unreaped is None:
+            return True
+        pid, uid = self.unreaped
+        self.unreaped = None
+        deadline = time.monotonic() + timeout
+        try:
+            while pid not in self.exits:
+                if not self._pump(deadline - time.monotonic()):
+                    _log().error("sandbox worker %d did not reap a run; replacing it", self.index)
+                    self.kill()
+                    break
+        except _WorkerDiedError:
+            pass  # its children die by their parent-death signal: check_leftovers waits
+        self.exits.pop(pid, None)
+        self.watched.discard(pid)
+        return self.check_leftovers(uid)
+
+    def check_leftovers(self, uid: int | None) -> bool:
+        """True when no process of the run's uid is left (else kill them and say so).
+
+        After a run is reaped its PID namespace is gone, so this is a check of an invariant.
+        The zygote's own children (prepared for coming requests, possibly under the same uid)
+        are not leftovers. When the zygote had to be killed (or the uid is unknown), its
+        children die by their parent-death signal a moment later: wait for that (briefly)
+        for both of the slot's uids.
+        """
+        zygote = self.proc.pid if self.alive() and self.proc is not None else None
+        uids = (uid,) if uid is not None and zygote is not None else self.uids
+        if zygote is not None and uid is not None and self._group_clean(uid, zygote):
+            return True
+        if not any(_quick_uid_pids(u) for u in uids):
+            return True
+
+        def stray() -> list[int]:
+            # The quick scan cannot tell zombies (dead, waiting to be reaped) from the living.
+            return [pid for pid, ppid in uid_processes(uids).items() if ppid != zygote]
+
+        left = stray()
+        if left and zygote is None:
+            deadline = time.monotonic() + 2.0
+            while left and time.monotonic() < deadline:
+                time.sleep(0.005)
+                left = stray()
+        if not left:
+            return True
+        _log().error("sandbox processes outlived their run (uids %s): %s; killing them", uids, left)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return False
+
+    def _group_clean(self, uid: int, zygote: int) -> bool:
+        """The fast check: in this slot's memory cgroup (where the zygote and all it forks
+        live; nothing inside can leave it) no process runs as ``uid`` but the zygote's own
+        children. False: not known."""
+        if self.cgroups is None:
+            return False
+        pids = self.cgroups.pids(self.index)
+        if pids is None:
+            return False
+        others = [pid for pid in pids if pid != zygote]
+        return not any(ppid != zygote for ppid in uid_processes((uid,), others).values())
+
     def stop(self, timeout: float = 2.0) -> None:
+        while self.spares:
+            self.spares.popleft().close(self.sandboxed)
         if self.ctrl is not None:
             self.ctrl.close()
             self.ctrl = None
+        self.info = {}
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -320,15 +636,28 @@ class _Worker:
     def run(
         self, code: str, files: list[tuple[str, bytes]], limits: SandboxLimits, t0: int
     ) -> RunResult:
+        self.settle()
         self.last_uid = None
         if not self.warm:
             self.spawn(wait_ready=False)
         elif not self.alive():
             raise _WorkerDiedError
-        assert self.ctrl is not None
         if self.cgroups is not None:
             cap = limits.memory_bytes + limits.tmp_bytes + _CGROUP_ALLOWANCE
             self.cgroups.set_limit([self.index], cap)
+        try:
+            return self._run(code, files, limits, t0)
+        finally:
+            if not self.warm:
+                self.stop()  # the one-shot zygote exits once it has reaped its child
+                self.unreaped = None
+
+    def _run(
+        self, code: str, files: list[tuple[str, bytes]], limits: SandboxLimits, t0: int
+    ) -> RunResult:
+        setup_timeout = _SETUP_TIMEOUT_WARM_S if self.warm else _SETUP_TIMEOUT_COLD_S
+        deadline = time.monotonic() + setup_timeout
+        header = _header(limits)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         body_r, body_w = os.pipe()
@@ -336,34 +665,72 @@ class _Worker:
         os.set_blocking(body_w, False)
         pending = [memoryview(chunk) for chunk in wire.encode_body(code, files) if chunk]
         _write_some(body_w, pending)
-        res, res_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        header = json.dumps({"limits": asdict(limits)}).encode()
+        spare: _Spare | None = None
+        failure = ""
         try:
-            socket.send_fds(self.ctrl, [header], [out_w, err_w, body_r, res_child.fileno()])
-        except OSError as exc:
-            for fd in (out_r, err_r, body_w):
-                os.close(fd)
-            res.close()
-            raise _WorkerDiedError from exc
+            while spare is None:
+                try:
+                    spare = self._take_spare(limits.tmp_bytes, deadline)
+                except _SetupFailedError as exc:
+                    failure = f"sandbox setup failed: {exc}"
+                    break
+                except TimeoutError:
+                    _log().error("sandbox worker %d prepared no child in time", self.index)
+                    self.kill()
+                    failure = "the sandbox worker died before the code started"
+                    break
+                assert spare.go is not None
+                try:
+                    socket.send_fds(spare.go, [header], [out_w, err_w, body_r])
+                except OSError:
+                    # It died before its request: why, if it said; its exit report follows.
+                    status = bytearray()
+                    spare.read_status(status)
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        self.setup_error = str(json.loads(status)["setup_error"])
+                    self.dead_spares += 1
+                    spare.close(self.sandboxed)
+                    spare = None
+        except BaseException:
+            failure = "(raised)"
+            raise
         finally:
             for fd in (out_w, err_w, body_r):
                 os.close(fd)
-            res_child.close()
+            if failure:
+                for fd in (out_r, err_r, body_w):
+                    os.close(fd)
+        if spare is None:
+            return self._failed(t0, failure)
+        t_go = time.monotonic_ns()
+        spare.close_go()
+        self.dead_spares = 0
+        self.last_uid = spare.uid
+        self.watched.add(spare.pid)
         try:
-            return self._collect(t0, limits, pending, out_r, err_r, body_w, res)
+            return self._collect(t0, t_go, limits, spare, pending, out_r, err_r, body_w)
         finally:
-            if not self.warm:
-                self.stop()
+            spare.close(self.sandboxed)
+
+    def _failed(self, t0: int, message: str) -> RunResult:
+        return RunResult(
+            stdout="",
+            stderr="",
+            error_kind=ToolErrorKind.INTERNAL,
+            message=message,
+            latency_ms=(time.monotonic_ns() - t0) / 1e6,
+        )
 
     def _collect(
         self,
         t0: int,
+        t_go: int,
         limits: SandboxLimits,
+        spare: _Spare,
         pending: list[memoryview],
         out_r: int,
         err_r: int,
         body_w: int,
-        res: socket.socket,
     ) -> RunResult:
         capture = _Capture(limits.output_bytes)
         kill_at = max(_OUTPUT_KILL_MIN, limits.output_bytes * OUTPUT_KILL_FACTOR)
@@ -371,134 +738,165 @@ class _Worker:
         open_fds = {out_r: 1, err_r: 2}
         for fd in open_fds:
             poller.register(fd, select.POLLIN)
-        poller.register(res, select.POLLIN)
-        body_open = True
-        if pending:
+        poller.register(spare.pidfd, select.POLLIN)
+        assert self.ctrl is not None
+        ctrl: socket.socket | None = self.ctrl
+        ctrl_fd = ctrl.fileno()
+        poller.register(ctrl_fd, select.POLLIN)
+        status_open = self.sandboxed  # a complete status ends the run before its exit
+        if status_open:
+            poller.register(spare.status_r, select.POLLIN)
+        body_open = bool(pending)
+        if body_open:
             poller.register(body_w, select.POLLOUT)
         else:
             os.close(body_w)
-            body_open = False
-        res_open = True
-        pidfd: int | None = None
-        received_fds: list[int] = []
-        result: dict[str, Any] | None = None
-        t_started = 0
+        status = bytearray()
+        final: dict[str, Any] | None = None
+        report: dict[str, Any] | None = None
+        exited_at: float | None = None
         killed_at: float | None = None
-        zygote_killed = False
-        server_timeout = output_overflow = protocol_error = False
-        setup_timeout = _SETUP_TIMEOUT_WARM_S if self.warm else _SETUP_TIMEOUT_COLD_S
-        t_sent = time.monotonic()
+        wall_end = t_go / 1e9 + limits.wall_s
+        timed_out = output_overflow = zygote_killed = False
+        # The next request's child: asked for once this run is over (the zygote prepares it
+        # after reaping this one), or to be prepared alongside if the run is still going
+        # after _OVERLAP_AFTER_S.
+        overlap_at: float | None = None
+        if self.warm and not self.spares and not self.asked:
+            overlap_at = t_go / 1e9 + _OVERLAP_AFTER_S
 
-        def kill_child() -> None:
-            # Without the pidfd yet, the kill is sent the moment it arrives.
+        def kill() -> None:
             nonlocal killed_at
             if killed_at is None:
                 killed_at = time.monotonic()
-            if pidfd is not None:
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                spare.kill()
 
         try:
-            while open_fds or res_open:
+            while True:
+                if report is None and spare.pid in self.exits:
+                    report = self.exits.pop(spare.pid)
+                if final is not None:
+                    break
+                if exited_at is not None and (report is not None or ctrl is None) and not open_fds:
+                    break
                 now = time.monotonic()
-                if killed_at is not None:
-                    deadline = killed_at + _ZYGOTE_GRACE_S
-                elif pidfd is None:
-                    deadline = t_sent + setup_timeout
+                if exited_at is not None:
+                    deadline = exited_at + _EXIT_GRACE_S
+                elif killed_at is not None:
+                    deadline = killed_at + _EXIT_GRACE_S
                 else:
-                    deadline = t_started / 1e9 + limits.wall_s + _KILL_GRACE_S
+                    deadline = wall_end
+                if overlap_at is not None and exited_at is None:
+                    if now >= overlap_at:
+                        overlap_at = None
+                        with contextlib.suppress(_WorkerDiedError):
+                            self._ask(self.tmp_bytes, now=True)
+                    else:
+                        deadline = min(deadline, overlap_at)
                 if now >= deadline:
-                    if killed_at is None:
-                        server_timeout = pidfd is not None
-                        kill_child()
-                        if pidfd is None:
-                            zygote_killed = True
-                            self.kill()
+                    if exited_at is None and killed_at is None:
+                        timed_out = True
+                        kill()
                         continue
-                    if not zygote_killed:
+                    if report is None and ctrl is not None:
+                        # Its zygote neither reaped nor reported it: replace the zygote.
                         zygote_killed = True
                         self.kill()
-                        killed_at = now
-                        continue
-                    break  # everything was killed and still no end of file: give up
+                    break  # (unsandboxed: something escaped still holds the output open)
                 for fd, _event in poller.poll(max(1, int((deadline - now) * 1000) + 1)):
-                    if fd == body_w and body_open:
-                        if _write_some(body_w, pending):
-                            continue
-                        poller.unregister(body_w)
-                        os.close(body_w)
-                        body_open = False
-                    elif fd in open_fds:
+                    if fd in open_fds:
                         data = os.read(fd, 1 << 16)
                         if data:
                             capture.feed(open_fds[fd], data)
                             if capture.total > kill_at and not output_overflow:
                                 output_overflow = True
-                                kill_child()
+                                kill()
                         else:
                             poller.unregister(fd)
                             os.close(fd)
                             del open_fds[fd]
-                    else:
-                        msg, fds, _, _ = socket.recv_fds(res, 1 << 20, 64)
-                        if not msg and not fds:
-                            poller.unregister(res)
-                            res_open = False
-                        elif msg == wire.PIDFD_MESSAGE and len(fds) == 1 and pidfd is None:
-                            pidfd = fds[0]
-                            t_started = time.monotonic_ns()
-                            if killed_at is not None:
-                                kill_child()
-                        elif msg.startswith(b"{") and result is None:
-                            received_fds.extend(fds)
-                            result = _parse_result(msg)
-                            if result is None:
-                                protocol_error = True
-                            elif isinstance(result.get("uid"), int):
-                                self.last_uid = result["uid"]
-                        else:
-                            protocol_error = True
-                            for extra in fds:
-                                os.close(extra)
+                    elif fd == spare.status_r:
+                        if not spare.read_status(status):
+                            poller.unregister(fd)
+                            status_open = False
+                        elif killed_at is None:
+                            final = _final_report(status)
+                    elif fd == spare.pidfd:
+                        poller.unregister(fd)
+                        exited_at = time.monotonic()
+                    elif fd == body_w:
+                        if not _write_some(body_w, pending):
+                            poller.unregister(body_w)
+                            os.close(body_w)
+                            body_open = False
+                    elif ctrl is not None and fd == ctrl_fd:
+                        try:
+                            self._pump(0)
+                        except _WorkerDiedError:  # (or this worker was stopped)
+                            poller.unregister(ctrl_fd)
+                            ctrl = None  # its children die with it: the exit shows
         finally:
-            for fd in open_fds:
-                os.close(fd)
             if body_open:
                 os.close(body_w)
-            res.close()
-            if pidfd is not None:
-                os.close(pidfd)
-        try:
-            images, dropped = self._images(received_fds, limits)
-        finally:
-            for fd in received_fds:
-                os.close(fd)
-        if zygote_killed and self.warm:
-            self.kill()
+        t_end = time.monotonic_ns()
+        if overlap_at is not None:
+            with contextlib.suppress(_WorkerDiedError):
+                self._ask(self.tmp_bytes, now=False)
+        if final is not None:
+            # The code is done and said so: kill its PID namespace's init now (every process
+            # of the run goes with it) and answer; the zygote reaps it meanwhile.
+            kill()
+            for fd, stream in open_fds.items():
+                _drain(fd, capture, stream, kill_at)
+            if report is None:
+                self.unreaped = (spare.pid, spare.uid)  # still watched
+        else:
+            while status_open and spare.read_status(status):
+                pass
+        if self.unreaped is None or self.unreaped[0] != spare.pid:
+            self.watched.discard(spare.pid)
+            self.exits.pop(spare.pid, None)
+        for fd in open_fds:
+            os.close(fd)
+        result: dict[str, Any] | None = None
+        if final is not None or report is not None or timed_out:
+            images, skipped, bad = _collect_images(spare.sbx_fd, limits)
+            result = {
+                "uid": spare.uid,
+                "timed_out": timed_out,
+                "status": bytes(status).decode("utf-8", "replace"),
+                "images_skipped": skipped,
+                "images_bad": bad,
+                "t": {**spare.t, "s_go": t_go, "s_end": t_end},
+            }
+            if final is not None:
+                result["exit_code"] = final["exit"] & 0xFF
+                result["signal"] = None
+                cpu, rss = final.get("cpu_s"), final.get("maxrss_kb")
+                if isinstance(cpu, float) and isinstance(rss, int):
+                    result["cpu_s"], result["maxrss_kb"] = cpu, rss
+            elif report is not None:
+                for key in ("exit_code", "signal", "cpu_s", "maxrss_kb"):
+                    result[key] = report.get(key)
+                result["t"].update(report.get("t") or {})
+            else:
+                result["exit_code"] = result["signal"] = None
+        else:
+            images = ()
+        if zygote_killed:
+            _log().error("sandbox worker %d did not report a run's exit; replaced", self.index)
         return self._result(
             t0,
             limits,
             capture,
             result,
             images,
-            dropped,
-            started=t_started > 0,
-            server_timeout=server_timeout,
+            0,
+            started=True,
+            server_timeout=False,
             output_overflow=output_overflow,
-            protocol_error=protocol_error,
+            protocol_error=False,
         )
-
-    @staticmethod
-    def _images(fds: list[int], limits: SandboxLimits) -> tuple[tuple[bytes, ...], int]:
-        images: list[bytes] = []
-        dropped = 0
-        for fd in fds:
-            data = _read_image(fd, limits.file_bytes)
-            if data is None:
-                dropped += 1
-            else:
-                images.append(data)
-        return tuple(images), dropped
 
     def _result(
         self,
@@ -719,12 +1117,31 @@ class PythonSandbox:
         child is prepared under one while the current request runs under the other)."""
         return tuple(uid for w in self._workers for uid in w.uids)
 
+    def wait_reaped(self, timeout: float = _REAP_TIMEOUT_S) -> bool:
+        """Wait until every finished run's processes are reaped; True when no process of any
+        of them was left over.
+
+        :meth:`run` answers as soon as the code has reported its end and its process tree
+        has been killed; the worker reaps it right after, and takes no request before. This
+        waits for runs in progress to finish, then for every worker to have reaped.
+        """
+        if self._closed:
+            return True
+        taken = [self._idle.get() for _ in self._workers]
+        try:
+            return all([worker.settle(timeout) for worker in taken])
+        finally:
+            for worker in taken:
+                self._idle.put(worker)
+
     def stray_processes(self) -> list[int]:
         """Host processes running as a sandbox uid that are not a zygote's waiting child.
 
         Each zygote keeps one child forked ahead for the next request (under the slot's other
-        uid); anything else under a sandbox uid outside a running request is a leak.
+        uid); anything else under a sandbox uid outside a running request is a leak. Finished
+        runs are first waited for until reaped (:meth:`wait_reaped`).
         """
+        self.wait_reaped()
         zygotes = {w.proc.pid for w in self._workers if w.proc is not None}
         return sorted(
             pid for pid, ppid in uid_processes(self.worker_uids).items() if ppid not in zygotes
@@ -804,7 +1221,12 @@ class PythonSandbox:
                     raise RuntimeError("PythonSandbox is closed") from exc
                 _log().error("sandbox worker %d failed to start: %s", worker.index, exc)
                 break
-            if self.sandboxed and not self._check_leftovers(worker):
+            # A run answered before it was reaped is checked once reaped (Worker.settle).
+            if (
+                self.sandboxed
+                and worker.unreaped is None
+                and not worker.check_leftovers(worker.last_uid)
+            ):
                 result = dataclasses.replace(
                     result,
                     error_kind=result.error_kind or ToolErrorKind.INTERNAL,
@@ -819,34 +1241,6 @@ class PythonSandbox:
             error_kind=ToolErrorKind.INTERNAL,
             message="the sandbox worker could not be started",
         )
-
-    @staticmethod
-    def _check_leftovers(worker: _Worker) -> bool:
-        """True when no process of the run's uid is left (else kill them and say so).
-
-        After a normal end the run's PID namespace is already gone, so this is a check of an
-        invariant. When the zygote had to be killed, its children die by their parent-death
-        signal a moment later: wait for that (briefly) for both of the slot's uids.
-        """
-        uids = (worker.last_uid,) if worker.last_uid is not None else worker.uids
-        if not any(_quick_uid_pids(uid) for uid in uids):
-            return True
-        # The quick scan cannot tell zombies (dead, waiting to be reaped) from the living.
-        stray = list(uid_processes(uids))
-        if stray and worker.last_uid is None:
-            deadline = time.monotonic() + 2.0
-            while stray and time.monotonic() < deadline:
-                time.sleep(0.005)
-                stray = list(uid_processes(uids))
-        if not stray:
-            return True
-        _log().error(
-            "sandbox processes outlived their run (uids %s): %s; killing them", uids, stray
-        )
-        for pid in stray:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        return False
 
     def close(self) -> None:
         """Stop every worker; no sandbox process is left behind."""

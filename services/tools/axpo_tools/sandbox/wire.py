@@ -1,17 +1,27 @@
-"""What the server and its zygotes say to each other (both sides import this; stdlib only).
+"""What the server, its zygotes and their children say to each other (all import this;
+stdlib only).
 
-Control socket (``SOCK_SEQPACKET``, server <-> zygote): the zygote first sends one JSON
-object, ``{"ready": true, ...}`` or ``{"error": "..."}``; then per request the server sends a
-JSON header with four descriptors attached: the stdout and stderr pipe write ends, the body
-pipe read end and the result socket.
+Control socket (``SOCK_SEQPACKET``, server <-> zygote), JSON messages. The zygote first sends
+``{"ready": true, ...}`` or ``{"error": "..."}``; then:
 
-Body pipe (server -> sandboxed child, never read by the zygote, so no request data stays in
-the zygote's memory to leak into a later request): ``u32 meta length``, meta JSON
-``{"code": n, "files": [[name, n], ...]}``, the code, the files in order.
+* ``{"spare": {"pid", "uid", "tmp_bytes", "workdir", "t"}}`` with four descriptors attached:
+  a pidfd of a child prepared for a coming request, its request socket, the read end of its
+  status pipe and its working directory (the server reads ``out/`` there);
+* ``{"exited": {"pid", "uid", "exit_code", "signal", "cpu_s", "maxrss_kb", "t"}}`` once a
+  child has ended and been reaped (its whole PID namespace with it);
+* the server sends ``{"want": tmp_bytes}`` for the next child to prepare.
 
-Result socket (``SOCK_SEQPACKET``, zygote -> server): ``b"P"`` with a pidfd of the sandboxed
-process once it runs, then the JSON result with the ``out/`` image files attached as open
-descriptors (the zygote never reads their contents), then end of file.
+Request socket (``SOCK_SEQPACKET``, server -> child): ``{"limits": {...}}`` with the stdout
+and stderr pipe write ends and the body pipe read end attached.
+
+Body pipe (server -> child, never seen by the zygote, so no request data stays in its memory
+to leak into a later request): ``u32 meta length``, meta JSON ``{"code": n, "files": [[name,
+n], ...]}``, the code, the files in order.
+
+Status pipe (child -> server): the child's last act, one JSON object and a newline
+(``{"exit", "error", "exc", "cpu_s", "maxrss_kb", "t"}``), or ``{"setup_error": ...}`` if it
+could not get ready. The code itself could write there too: what it says only ever
+concerns its own run.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ __all__ = [
     "EXIT_SETUP_FAILED",
     "MAX_META",
     "MAX_STATUS",
-    "PIDFD_MESSAGE",
     "SANDBOX_DIR",
     "child_env",
     "decode_body_meta",
@@ -33,7 +42,6 @@ __all__ = [
 ]
 
 SANDBOX_DIR = "/sandbox"
-PIDFD_MESSAGE = b"P"
 MAX_META = 1 << 20
 MAX_STATUS = 1 << 14
 EXIT_SETUP_FAILED = 71  # EX_OSERR

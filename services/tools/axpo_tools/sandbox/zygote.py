@@ -1,8 +1,9 @@
 """The worker side: a zygote that forks one sandboxed child per request.
 
 Started by the pool as ``python -I -m axpo_tools.sandbox.zygote CONFIG`` with a scrubbed
-environment. It runs as root but never runs request code itself and never reads request
-data (code and files go straight from the server to the child through a pipe).
+environment. It runs as root but never runs request code itself and never sees request data:
+it only prepares children and reaps them. The server hands each request straight to a
+prepared child (see :mod:`axpo_tools.sandbox.wire`).
 
 Once, at start (sandboxed mode):
 
@@ -10,29 +11,40 @@ Once, at start (sandboxed mode):
 2. enter a private mount namespace (plus its own empty network, IPC and UTS namespaces) and
    build the sandbox's root on a small tmpfs: read-only bind mounts of ``/usr`` (``/bin``,
    ``/lib``... as the host's symlinks into it), the Python installation and the venv's
-   site-packages; a minimal ``/etc``; ``/dev`` with null, zero, full, random, urandom;
-   empty ``/proc`` and ``/sandbox`` mount points; ``/tmp`` a link into ``/sandbox``;
+   site-packages (of the venv's ``bin/`` only the interpreter); a minimal ``/etc``; ``/dev``
+   with null, zero, full, random, urandom; empty ``/proc`` and ``/sandbox`` mount points;
+   ``/tmp`` a link into ``/sandbox``;
 3. ``pivot_root`` into it, detach the host's root, remount it read-only. From here on the
-   host's files do not exist for the zygote or anything it forks.
+   host's files do not exist for the zygote or anything it forks;
+4. what every child inherits: the environment scrubbed to exactly the sandbox's, descriptors
+   0-2 on ``/dev/null``, the capability bounding set emptied, no supplementary groups,
+   no_new_privs (the zygote needs none of these: it never execs).
 
-Per request (the child for the next request is prepared ahead, off the critical path: right
-after a request's result, or alongside a request still running after 3 ms):
+Per request, everything is fresh; nothing of a request's is shared with another request
+(the zygote's own state is the same for every child, and no request can write to it):
 
-1. ``unshare`` new mount, network, IPC, UTS, cgroup and PID namespaces; mount a fresh tmpfs
-   (``size=tmp_bytes``, nosuid/nodev/noexec, owned by the uid) on ``/sandbox``; fork the
-   child, PID 1 of the new PID namespace; ``setns`` back to the zygote's own namespaces;
+1. the child is prepared ahead, when the server asks: once the previous run has ended and
+   been reaped, or alongside it if it is still going after 3 ms: ``unshare`` new
+   mount, network, IPC, UTS, cgroup and PID namespaces; mount a fresh tmpfs
+   (``size=tmp_bytes``, nosuid/nodev/noexec, owned by the uid) on ``/sandbox`` with empty
+   ``out/`` and ``tmp/``; reseed ``random``; fork the child, PID 1 of the new PID namespace,
+   with ``fork(2)`` itself (no Python at-fork callbacks: the zygote has one thread); ``setns``
+   back to the zygote's own namespaces; hand the server the child's pidfd, request socket,
+   status pipe and a descriptor of its working directory;
 2. the child, still root: mounts a fresh ``/proc``, sets its ``oom_score_adj`` to 1000 (the
    OOM killer's first choice), makes ``/proc`` read-only, keeps only ``/dev/null`` as
-   stdin/stdout/stderr, its status pipe and the socket its request will come on (every other
-   descriptor closed), drops the capability bounding set, ``setgroups([])``, switches to its
-   unprivileged uid/gid (two per zygote, used in turn), sets no_new_privs, the parent-death
-   signal and the seccomp filter, scrubs the environment, and waits;
-3. the request: the zygote hands the child the server's stdout/stderr pipes and the body
-   pipe; the child writes the input files, sets the rlimits and ``exec``s the code in
-   ``__main__``; the zygote sends the server a pidfd of the child (so the server can kill the
-   tree even if the zygote misbehaves), waits for it with the wall-clock limit (then
-   ``SIGKILL``: the PID namespace's init dying takes every process in it along), reaps it and
-   sends back the wait status, resource usage and the ``out/`` images as open descriptors.
+   stdin/stdout/stderr, its status pipe and its request socket (every other descriptor
+   closed), switches to its unprivileged uid/gid (two per zygote, used in turn; never one a
+   live child has), sets the parent-death signal and the seccomp filter, and waits;
+3. the request comes from the server: stdout/stderr pipes and the body pipe. The child
+   writes the input files, sets the rlimits and ``exec``s the code in ``__main__``; its last
+   act is a complete status report (a JSON line) on its status pipe. The server, on seeing
+   it, kills the child (the PID namespace's init: every process in it dies with it) and
+   answers; or it kills the child at the wall-clock limit;
+4. the zygote sees the child's exit on its pidfd, reaps it (the namespaces' teardown,
+   which takes the kernel milliseconds, happens here, after the answer) and reports the
+   wait status and resource usage to the server, which takes no other request on this
+   worker until that report is in.
 """
 
 from __future__ import annotations
@@ -46,9 +58,9 @@ import importlib
 import json
 import linecache
 import os
+import re
 import resource
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -107,6 +119,7 @@ PRELOAD = (
     "typing",
 )
 
+_SEQPACKET = socket.SOCK_SEQPACKET
 REQUEST_NAMESPACES = (
     linux.CLONE_NEWNS
     | linux.CLONE_NEWNET
@@ -125,11 +138,12 @@ _NS_TYPES = (
 )
 _ROOT_TMPFS = "size=16m,nr_inodes=4096,mode=0755"
 _TMPFS_INODES = 16384
-# A run still going after this long gets the next request's child prepared alongside it.
-_SPARE_OVERLAP_AFTER_MS = 3.0
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9))
 _SYSTEM_TOPS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+_INTERPRETER_NAME = re.compile(r"python(3(\.[0-9]+)?)?")
+_READ_ONLY_REBIND = (
+    linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+)
 
 
 def _now() -> int:
@@ -159,12 +173,7 @@ class _RootBuilder:
         target = self._at(source)
         os.makedirs(target, exist_ok=True)
         linux.mount(source, target, None, linux.MS_BIND)
-        linux.mount(
-            None,
-            target,
-            None,
-            linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV,
-        )
+        linux.mount(None, target, None, _READ_ONLY_REBIND)
         self.bound.append(source)
 
     def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
@@ -226,9 +235,14 @@ class _RootBuilder:
                             link = os.path.join(folder, entry.name)
                             if not os.path.lexists(self._at(link)):
                                 self.symlink(link, os.readlink(link))
-                        elif sub == "bin" and entry.name.startswith("python"):
+                        elif sub == "bin" and _INTERPRETER_NAME.fullmatch(entry.name):
+                            # The interpreter itself (a copy, not a link, in this venv):
+                            # bound read-only like every other host path. Other files in
+                            # bin/ (entry-point scripts) stay out of the sandbox.
+                            target = self._at(entry.path)
                             self.write(entry.path, b"", 0o755)
-                            linux.mount(entry.path, self._at(entry.path), None, linux.MS_BIND)
+                            linux.mount(entry.path, target, None, linux.MS_BIND)
+                            linux.mount(None, target, None, _READ_ONLY_REBIND)
 
     def _etc(self) -> None:
         users = "".join(
@@ -291,41 +305,13 @@ def _staging_dir() -> str:
 # --------------------------------------------------------------------------- the zygote
 
 
-class _Spare:
-    """A child forked ahead of a request: in its namespaces, unprivileged, waiting for work."""
+class _Child:
+    """A child this zygote forked (and handed to the server) and has not reaped yet."""
 
-    def __init__(
-        self,
-        pid: int,
-        pidfd: int,
-        go: socket.socket,
-        status_r: int,
-        sbx_fd: int,
-        uid: int,
-        tmp_bytes: int,
-        workdir: str,
-    ) -> None:
+    def __init__(self, pid: int, pidfd: int, uid: int) -> None:
         self.pid = pid
         self.pidfd = pidfd
-        self.go = go
-        self.status_r = status_r
-        self.sbx_fd = sbx_fd
         self.uid = uid
-        self.tmp_bytes = tmp_bytes
-        self.workdir = workdir
-
-    def discard(self, sandboxed: bool) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
-        self.close()
-        if not sandboxed:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def close(self) -> None:
-        self.go.close()
-        for fd in (self.pidfd, self.status_r, self.sbx_fd):
-            os.close(fd)
 
 
 class Zygote:
@@ -338,12 +324,22 @@ class Zygote:
         self.tmp_bytes = int(config["tmp_bytes"])
         self.is_root = os.geteuid() == 0
         self.ns_fds: list[tuple[int, int]] = []
-        self.seccomp = linux.seccomp_program() if linux.SECCOMP_SUPPORTED else b""
+        self.seccomp = (
+            linux.SeccompFilter(linux.seccomp_program()) if linux.SECCOMP_SUPPORTED else None
+        )
         self.last_cap = linux.last_capability()
         # The zygote holds the write end for its whole life; a child sees POLLHUP on the read
         # end once the zygote is gone (closes the race before PR_SET_PDEATHSIG takes hold).
         self.life_r, self.life_w = os.pipe()
-        self.spare: _Spare | None = None
+        os.set_blocking(self.life_r, False)
+        # Live children by pidfd; at most one per uid (a running one and the next one).
+        self.children: dict[int, _Child] = {}
+        # Children to prepare, (tmp_bytes, now): the first one, then each the server asks
+        # for. Unless ``now``, one is prepared once no other child lives (the run that asked
+        # for it has ended and been reaped: preparing it alongside would slow the run down).
+        self.wanted: list[tuple[int, bool]] = [(self.tmp_bytes, True)]
+        self.single_threaded = False
+        self.stdio: tuple[Any, Any, Any] | None = None
         self.timings: dict[str, float] = {}
         self.cgroup: str | None = config.get("cgroup")
 
@@ -361,6 +357,7 @@ class Zygote:
             if pil_image is not None:
                 pil_image.init()
         t1 = _now()
+        self.single_threaded = self._single_threaded()
         if self.cgroup:
             # Join the slot's memory cgroup after the imports (their pages stay charged where
             # they were): every child is then born inside, no per-request migration. The OOM
@@ -369,17 +366,30 @@ class Zygote:
                 f.write("0")
         if self.sandboxed:
             self._enter_root()
+            # Every child's environment; the workdir is always /sandbox.
+            _scrub_environment(wire.SANDBOX_DIR)
+        if self.is_root:
+            # What every child must have, set once here (children inherit it): no
+            # supplementary groups, no capabilities that an exec could ever regain, and
+            # no_new_privs. This process needs none of them: it never execs.
+            if self.sandboxed:
+                linux.drop_bounding_set(self.last_cap)
+            os.setgroups([])
+        linux.set_no_new_privs()
         t2 = _now()
         gc.collect()
         gc.freeze()
-        if not self.one_shot:
-            self.spare = self._make_spare(self.tmp_bytes)
-        t3 = _now()
-        self.timings = {
-            "preload_ms": (t1 - t0) / 1e6,
-            "root_ms": (t2 - t1) / 1e6,
-            "spare_ms": (t3 - t2) / 1e6,
-        }
+        self.timings = {"preload_ms": (t1 - t0) / 1e6, "root_ms": (t2 - t1) / 1e6}
+
+    @staticmethod
+    def _single_threaded() -> bool:
+        """Whether this process has one thread (the imports started none), checked once
+        before the host's /proc disappears: then children are forked with
+        :func:`linux.fork_bare`."""
+        try:
+            return len(os.listdir("/proc/self/task")) == 1
+        except OSError:
+            return False
 
     def _enter_root(self) -> None:
         linux.unshare(
@@ -398,18 +408,99 @@ class Zygote:
         linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID)
 
     def shutdown(self) -> None:
-        if self.spare is not None:
-            self.spare.discard(self.sandboxed)
-            self.spare = None
+        """Kill and reap every child (the server is gone or closed this zygote)."""
+        for child in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        for child in self.children.values():
+            os.waitpid(child.pid, 0)
+            self._cleanup(child)
+        self.children.clear()
+
+    # ------------------------------------------------------------------ the loop
+
+    def serve(self, ctrl: socket.socket) -> None:
+        """Prepare the children the server asks for and hand them over; reap children as
+        they end and report each; until the server closes the control socket (one-shot:
+        until its one child has been reaped)."""
+        poller = select.poll()
+        poller.register(ctrl, select.POLLIN)
+        while True:
+            while (
+                self.wanted
+                and len(self.children) < len(self.uids)
+                and (not self.children or self.wanted[0][1])
+            ):
+                child, fds, message = self._make_spare(self.wanted.pop(0)[0])
+                self.children[child.pidfd] = child
+                poller.register(child.pidfd, select.POLLIN)
+                try:
+                    socket.send_fds(ctrl, [message], fds)
+                except OSError:
+                    return  # the server is gone
+                finally:
+                    for fd in fds[1:]:
+                        os.close(fd)
+            for fd, _event in poller.poll():
+                if fd == ctrl.fileno():
+                    try:
+                        msg = ctrl.recv(65536)
+                    except OSError:
+                        msg = b""
+                    if not msg:
+                        return  # the server is gone or closed this worker
+                    want = json.loads(msg)
+                    self.wanted.append((int(want["want"]), bool(want.get("now"))))
+                else:
+                    poller.unregister(fd)
+                    self._reap(ctrl, self.children.pop(fd))
+                    if self.one_shot:
+                        return
+
+    def _reap(self, ctrl: socket.socket, child: _Child) -> None:
+        """The child has exited (its PID namespace, every process of its run, with it):
+        reap it and tell the server how it ended."""
+        _, wstatus, usage = os.wait4(child.pid, 0)
+        t_reaped = _now()
+        if not self.sandboxed:
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)  # whatever stayed in its process group
+        self._cleanup(child)
+        exit_code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else "null"
+        signal_number = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else "null"
+        report = (
+            f'{{"exited": {{"pid": {child.pid}, "uid": {child.uid}, "exit_code": {exit_code}, '
+            f'"signal": {signal_number}, "cpu_s": {usage.ru_utime + usage.ru_stime!r}, '
+            f'"maxrss_kb": {usage.ru_maxrss}, "t": {{"z_reaped": {t_reaped}}}}}}}'
+        )
+        with contextlib.suppress(OSError):
+            ctrl.send(report.encode())
+
+    @staticmethod
+    def _cleanup(child: _Child) -> None:
+        os.close(child.pidfd)
 
     # ------------------------------------------------------------------ the spare child
 
-    def _make_spare(self, tmp_bytes: int) -> _Spare:
-        """Fork the next request's child: new namespaces, fresh tmpfs and /proc, privileges
-        dropped, seccomp on; it then waits for its request."""
+    def _make_spare(self, tmp_bytes: int) -> tuple[_Child, list[int], bytes]:
+        """Fork a child for a coming request: new namespaces, fresh tmpfs and /proc,
+        privileges dropped, seccomp on; it then waits for its request. Returns it, the
+        descriptors for the server (pidfd, request socket, status pipe, working directory)
+        and the message that goes with them.
+
+        As much as possible happens before the fork: until then no other process shares
+        this one's memory, while after it every page this process writes is first copied
+        (copy-on-write) for as long as the child lives.
+        """
+        t_start = _now()
+        # The slot's uids in turn, never one a live child has (one is taken by a run still
+        # going when its successor is prepared alongside).
+        busy = {child.uid for child in self.children.values()}
+        while self.uids[self.next_uid] in busy:
+            self.next_uid = (self.next_uid + 1) % len(self.uids)
         uid = self.uids[self.next_uid]
         self.next_uid = (self.next_uid + 1) % len(self.uids)
-        go, go_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        go, go_child = (sock.detach() for sock in socket.socketpair(socket.AF_UNIX, _SEQPACKET))
         status_r, status_w = os.pipe()
         workdir = wire.SANDBOX_DIR
         if self.sandboxed:
@@ -427,59 +518,77 @@ class Zygote:
             if self.is_root:
                 os.chown(workdir, uid, uid)
         sbx_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        pid = os.fork()
+        for name, mode in (("out", 0o755), ("tmp", 0o1777)):
+            os.mkdir(name, mode, dir_fd=sbx_fd)
+            if self.is_root:
+                os.chown(name, uid, uid, dir_fd=sbx_fd)
+        os.chdir(workdir)  # the child's (this process's goes back to / with its namespaces)
+        # The child's own random sequence (reseeded for every child) and unused stdio
+        # streams. The previous child's streams are dropped only now, when no child
+        # shares the pages they are on.
+        random = sys.modules.get("random")
+        if random is not None:
+            random.seed()
+        self.stdio = _new_stdio()
+        head = (
+            f'{{"spare": {{"uid": {uid}, "tmp_bytes": {tmp_bytes}, '
+            f'"workdir": {json.dumps(workdir)}, "t": {{"z_spare": {t_start}}}, "pid": '
+        )
+        pid = linux.fork_bare() if self.single_threaded else os.fork()
         if pid == 0:
-            self._spare_child(uid, workdir, go_child.fileno(), status_w)
+            self._spare_child(uid, workdir, go_child, status_w, self.stdio)
         if self.sandboxed:
             for fd, nstype in self.ns_fds:
                 linux.setns(fd, nstype)
-        go_child.close()
+        else:
+            os.chdir("/")
+        os.close(go_child)
         os.close(status_w)
-        return _Spare(pid, os.pidfd_open(pid), go, status_r, sbx_fd, uid, tmp_bytes, workdir)
+        pidfd = os.pidfd_open(pid)
+        message = f"{head}{pid}}}}}".encode()
+        return _Child(pid, pidfd, uid), [pidfd, go, status_r, sbx_fd], message
 
-    def _spare_child(self, uid: int, workdir: str, go_fd: int, status_w: int) -> NoReturn:
+    def _spare_child(
+        self, uid: int, workdir: str, go_fd: int, status_w: int, stdio: tuple[Any, Any, Any]
+    ) -> NoReturn:
         status_fd = status_w
         try:
             t = {"c_fork": _now()}
             linux.set_pdeathsig(signal.SIGKILL)
             os.close(self.life_w)
-            if select.select([self.life_r], [], [], 0)[0]:
-                os._exit(wire.EXIT_SETUP_FAILED)  # the zygote is already gone
+            with contextlib.suppress(BlockingIOError):  # (nothing to read while it lives)
+                os.read(self.life_r, 1)
+                os._exit(wire.EXIT_SETUP_FAILED)  # end of file: the zygote is already gone
             os.setsid()
             if self.sandboxed:
                 flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
                 linux.mount("proc", "/proc", "proc", flags)
                 # The OOM killer's first choice, then /proc read-only.
-                with open("/proc/self/oom_score_adj", "w") as f:
-                    f.write("1000")
+                oom = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+                try:
+                    os.write(oom, b"1000")
+                finally:
+                    os.close(oom)
                 remount = linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
                 linux.mount(None, "/proc", None, remount | flags)
-            # fds: 0-2 /dev/null (1 and 2 until the request), 3 status, 4 the go socket;
-            # nothing else (setup errors go to the status pipe).
-            devnull = os.open("/dev/null", os.O_RDWR)
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (devnull, status_w, go_fd)]
-            for target, fd in zip((0, 1, 2, 3, 4), (*high[:1] * 3, *high[1:]), strict=True):
-                os.dup2(fd, target)
+            # fds: 0-2 /dev/null (the zygote's; 1 and 2 until the request), 3 status, 4 the
+            # go socket; nothing else (setup errors go to the status pipe).
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (status_w, go_fd)]
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
             status_fd = 3
             os.closerange(5, 1 << 20)
-            os.chdir(workdir)
             if self.is_root:
-                if self.sandboxed:
-                    linux.drop_bounding_set(self.last_cap)
-                os.setgroups([])
+                # (Bounding set, groups and no_new_privs: inherited from the zygote.)
                 os.setresgid(uid, uid, uid)
                 os.setresuid(uid, uid, uid)
-            linux.set_no_new_privs()
             linux.set_pdeathsig(signal.SIGKILL)  # cleared by the credential change
             linux.set_dumpable(True)
-            if self.sandboxed and self.seccomp:
-                linux.install_seccomp(self.seccomp)
-            os.mkdir("out", 0o755)
-            os.mkdir("tmp", 0o1777)
-            os.environ.clear()
-            os.environ.update(wire.child_env(workdir))
-            _fresh_stdio()
-            gc.collect()
+            if self.sandboxed and self.seccomp is not None:
+                self.seccomp.install()
+            if not self.sandboxed:  # sandboxed, the zygote's own is already exactly it
+                _scrub_environment(workdir)
+            _use_stdio(stdio)
             t["c_ready"] = _now()
             go = socket.socket(fileno=4)
             msg, fds, _, _ = socket.recv_fds(go, 65536, 4)
@@ -503,92 +612,6 @@ class Zygote:
                 os.write(status_fd, msg_out.encode())
             os._exit(wire.EXIT_SETUP_FAILED)
         _run(code, t)
-
-    # ------------------------------------------------------------------ one request
-
-    def handle(self, header: dict[str, Any], fds: list[int]) -> None:
-        t: dict[str, int] = {"z_recv": _now()}
-        if len(fds) != 4:
-            for fd in fds:
-                os.close(fd)
-            return
-        out_w, err_w, body_r, res_fd = fds
-        res = socket.socket(fileno=res_fd)
-        limits: dict[str, Any] = header["limits"]
-        tmp_bytes = int(limits["tmp_bytes"])
-        child = self.spare
-        self.spare = None
-        if child is not None and child.tmp_bytes != tmp_bytes:
-            child.discard(self.sandboxed)
-            child = None
-        if child is None:
-            child = self._make_spare(tmp_bytes)
-        t["z_spare"] = _now()
-        order = json.dumps({"limits": limits}).encode()
-        try:
-            socket.send_fds(child.go, [order], [out_w, err_w, body_r])
-        except OSError:
-            child.discard(self.sandboxed)  # the spare died; make another
-            child = self._make_spare(tmp_bytes)
-            socket.send_fds(child.go, [order], [out_w, err_w, body_r])
-        t_go = t["z_go"] = _now()
-        for fd in (out_w, err_w, body_r):
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            socket.send_fds(res, [wire.PIDFD_MESSAGE], [child.pidfd])
-        poller = select.poll()
-        poller.register(child.pidfd, select.POLLIN)
-        deadline = t_go + int(float(limits["wall_s"]) * 1e9)
-
-        def wait_ms(cap_ms: float | None = None) -> bool:
-            left_ms = (deadline - _now()) / 1e6
-            if cap_ms is not None:
-                left_ms = min(left_ms, cap_ms)
-            return bool(poller.poll(max(0, int(left_ms) + 1)))
-
-        # Short runs finish before the next child is prepared (which would delay them);
-        # longer ones get the next child prepared while they run.
-        finished = wait_ms(_SPARE_OVERLAP_AFTER_MS)
-        t["z_polled"] = _now()
-        if not finished and not self.one_shot:
-            self.spare = self._make_spare(self.tmp_bytes)
-            t["z_next_spare"] = _now()
-        timed_out = not (finished or wait_ms())
-        if timed_out:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
-        _, wstatus, usage = os.wait4(child.pid, 0)
-        t["z_exit"] = _now()
-        status_text = _read_status(child.status_r)
-        if not self.sandboxed:
-            with contextlib.suppress(OSError):
-                os.killpg(child.pid, signal.SIGKILL)  # whatever stayed in its process group
-        images, skipped, bad = _open_images(child.sbx_fd, int(limits["max_images_out"]))
-        child.close()
-        result = {
-            "uid": child.uid,
-            "exit_code": os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None,
-            "signal": os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None,
-            "timed_out": timed_out,
-            "cpu_s": usage.ru_utime + usage.ru_stime,
-            "maxrss_kb": usage.ru_maxrss,
-            "status": status_text,
-            "images_skipped": skipped,
-            "images_bad": bad,
-            "t": t,
-        }
-        try:
-            socket.send_fds(res, [json.dumps(result).encode()], images)
-        except OSError:
-            pass
-        finally:
-            for fd in images:
-                os.close(fd)
-            res.close()
-            if not self.sandboxed:
-                shutil.rmtree(child.workdir, ignore_errors=True)
-        if self.spare is None and not self.one_shot:
-            self.spare = self._make_spare(self.tmp_bytes)
 
 
 # --------------------------------------------------------------------------- child helpers
@@ -659,16 +682,30 @@ def _set_rlimits(limits: dict[str, Any]) -> None:
     resource.setrlimit(resource.RLIMIT_MSGQUEUE, both(0))
 
 
+def _scrub_environment(workdir: str) -> None:
+    os.environ.clear()
+    os.environ.update(wire.child_env(workdir))
+
+
+_REPLACED_STDIO: list[tuple[Any, Any, Any]] = []
+
+
 def _text_stream(fd: int, mode: str) -> Any:
     """A line-buffered text stream on ``fd`` (never closes it)."""
     return open(fd, mode, encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
 
 
-def _fresh_stdio() -> None:
-    sys.stdin = _text_stream(0, "r")
-    sys.stdout = _text_stream(1, "w")
-    sys.stderr = _text_stream(2, "w")
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr  # type: ignore[misc]
+def _new_stdio() -> tuple[Any, Any, Any]:
+    """Unused text streams on descriptors 0, 1 and 2 (/dev/null in the zygote, as in the
+    child until its request's pipes are put there)."""
+    return _text_stream(0, "r"), _text_stream(1, "w"), _text_stream(2, "w")
+
+
+def _use_stdio(stdio: tuple[Any, Any, Any]) -> None:
+    # The zygote's own streams stay referenced: tearing them down would only cost time.
+    _REPLACED_STDIO.append((sys.stdin, sys.stdout, sys.stderr))
+    sys.stdin, sys.stdout, sys.stderr = stdio
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = stdio  # type: ignore[misc]
     sys.argv = [""]
 
 
@@ -757,60 +794,19 @@ def _run(code: str, t: dict[str, int]) -> NoReturn:
         os._exit(exit_code & 0xFF)
     _convert_jpegs()
     t["c_exit"] = _now()
-    status = {"exit": exit_code, "error": kind, "exc": summary, "t": t}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    status = {
+        "exit": exit_code,
+        "error": kind,
+        "exc": summary,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "maxrss_kb": usage.ru_maxrss,
+        "t": t,
+    }
+    # The last act: once this complete report is in, the zygote kills and reaps the run.
     with contextlib.suppress(BaseException):
-        os.write(3, json.dumps(status).encode()[: wire.MAX_STATUS])
+        os.write(3, (json.dumps(status) + "\n").encode()[: wire.MAX_STATUS - 1])
     os._exit(exit_code & 0xFF)
-
-
-# --------------------------------------------------------------------------- zygote helpers
-
-
-def _read_status(fd: int) -> str:
-    os.set_blocking(fd, False)
-    chunks: list[bytes] = []
-    size = 0
-    with contextlib.suppress(OSError):
-        while size < wire.MAX_STATUS:
-            chunk = os.read(fd, wire.MAX_STATUS - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
-
-
-def _open_images(sbx_fd: int, limit: int) -> tuple[list[int], int, int]:
-    """Open (never read) up to ``limit`` regular image files in out/, in name order."""
-    try:
-        out_fd = os.open("out", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=sbx_fd)
-    except OSError:
-        return [], 0, 0
-    fds: list[int] = []
-    skipped = bad = 0
-    try:
-        names = sorted(n for n in os.listdir(out_fd) if n.lower().endswith(_IMAGE_SUFFIXES))
-        for name in names:
-            if len(fds) >= limit:
-                skipped += 1
-                continue
-            try:
-                fd = os.open(
-                    name,
-                    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                    dir_fd=out_fd,
-                )
-            except OSError:
-                bad += 1
-                continue
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                fds.append(fd)
-            else:
-                os.close(fd)
-                bad += 1
-    finally:
-        os.close(out_fd)
-    return fds, skipped, bad
 
 
 # --------------------------------------------------------------------------- probe
@@ -925,6 +921,14 @@ def main(argv: list[str]) -> NoReturn:
         os._exit(0)
     config = json.loads(argv[1])
     ctrl = socket.socket(fileno=int(config["control_fd"]))
+    # Descriptors 0-2 are /dev/null here, as in every child until its request (whose stdio
+    # streams are made here: _new_stdio); this process's own messages go to the server's
+    # stderr on a descriptor of its own.
+    sys.stderr = _text_stream(fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3), "w")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
     zygote = Zygote(config)
     try:
         zygote.start()
@@ -935,22 +939,12 @@ def main(argv: list[str]) -> NoReturn:
     ready = {"ready": True, "pid": os.getpid(), **zygote.timings}
     with contextlib.suppress(OSError):
         ctrl.send(json.dumps(ready).encode())
-    one_shot = bool(config.get("one_shot"))
-    while True:
-        try:
-            msg, fds, _, _ = socket.recv_fds(ctrl, 65536, 8)
-        except OSError:
-            break
-        if not msg:
-            break
-        try:
-            zygote.handle(json.loads(msg), fds)
-        except BaseException as exc:  # noqa: BLE001 - namespaces may be half-switched: leave
-            with contextlib.suppress(BaseException):
-                print(f"axpo sandbox zygote: {type(exc).__name__}: {exc}", file=sys.stderr)
-            os._exit(2)
-        if one_shot:
-            break
+    try:
+        zygote.serve(ctrl)
+    except BaseException as exc:  # noqa: BLE001 - namespaces may be half-switched: leave
+        with contextlib.suppress(BaseException):
+            print(f"axpo sandbox zygote: {type(exc).__name__}: {exc}", file=sys.stderr)
+        os._exit(2)  # the children die with this process (parent-death signal)
     with contextlib.suppress(BaseException):
         zygote.shutdown()
     os._exit(0)
