@@ -87,7 +87,12 @@ def engine(model_dir: Path) -> Any:
         rpc=RpcServerSettings(port=0, log_requests=False),
     )
     with InferenceEngine(settings) as eng:
+        client = eng._llm.engine_core  # vLLM's ZMQ client, to check close() below
         yield eng
+    # close() leaves no ZMQ socket open: an open one lets the garbage collector hang the
+    # test session later, destroying its context with an infinite linger.
+    sockets = [client.resources.input_socket, client.resources.output_socket]
+    assert all(s is None or s.closed for s in sockets), sockets
 
 
 @pytest.fixture(scope="module")

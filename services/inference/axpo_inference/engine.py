@@ -493,6 +493,13 @@ class InferenceEngine:
         # Stop the loop first, so vLLM's output handler does not see its engine vanish.
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        # Then close it: vLLM's shutdown closes the client's ZMQ sockets on the loop when the
+        # loop is open (a stopped loop never runs that callback) and directly when it is
+        # closed. Sockets left open keep their context alive until the garbage collector
+        # destroys it with an infinite linger, which hung a test session inside an unrelated
+        # test when a message was still queued to the dead engine (2026-12-01 CI check).
+        if not self._loop.is_running():
+            self._loop.close()
         llm = self._llm
         if llm is not None:
             llm.shutdown()
