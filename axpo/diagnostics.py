@@ -117,7 +117,7 @@ def _correct(traj: Trajectory) -> bool:
     return traj.reward is not None and traj.reward.correct
 
 
-def _model_tokens(traj: Trajectory) -> int:
+def model_tokens(traj: Trajectory) -> int:
     """Model-written tokens ``traj`` adds: its loss-mask tokens, after the frozen prefix for a
     resample."""
     start = traj.frozen_prefix_length if traj.resampled_from else 0
@@ -168,8 +168,8 @@ def step_diagnostics(groups: Sequence[Group], *, learner_version: int) -> dict[s
             key = (gi, t.resampled_from)
             subgroups[key] = subgroups.get(key, False) or _correct(t)
 
-    original_tokens = sum(_model_tokens(t) for t in originals)
-    resample_tokens = sum(_model_tokens(t) for t in resamples)
+    original_tokens = sum(model_tokens(t) for t in originals)
+    resample_tokens = sum(model_tokens(t) for t in resamples)
 
     calls = [inv for t in (*originals, *resamples) for inv in new_tool_calls(t)]
     errors_by_kind = dict.fromkeys(ToolErrorKind, 0)

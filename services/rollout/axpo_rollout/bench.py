@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from axpo.config import JobSpec, RpcClientSettings, load_job_spec
+from axpo.diagnostics import model_tokens
 from axpo.domain import (
     Group,
     Image,
@@ -248,8 +249,9 @@ def _first_turn(t: Trajectory) -> tuple[int, ...]:
 
 
 def _generated(trajectories: Sequence[Trajectory]) -> int:
-    """Tokens the model sampled (loss-masked), a resample's frozen prefix not counted."""
-    return sum(sum(t.loss_mask[t.frozen_prefix_length :]) for t in trajectories)
+    """Tokens the model sampled, a resample's frozen prefix not counted (as the diagnostics'
+    resample token share counts them)."""
+    return sum(model_tokens(t) for t in trajectories)
 
 
 def _share(hits: int, total: int) -> float:

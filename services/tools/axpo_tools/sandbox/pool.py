@@ -850,7 +850,7 @@ class _Worker:
                 _drain(fd, capture, stream, kill_at)
             if report is None:
                 self.unreaped = (spare.pid, spare.uid)  # still watched
-        else:
+        else:  # the run ended without a final status: read the pipe to its end
             while status_open and spare.read_status(status):
                 pass
         if self.unreaped is None or self.unreaped[0] != spare.pid:
