@@ -8,7 +8,7 @@ dies with ``RuntimeError: operator torchvision::nms does not exist`` because
 ``torchvision.extension._has_ops()``. PyPI's torchaudio and torchcodec are CUDA-linked too, and
 transformers imports torchaudio eagerly when it is installed (``OSError: Could not load this
 library: .../_torchaudio.abi3.so``), which breaks ``from transformers import AutoProcessor``.
-See ../shared/PLATFORM.md ("vLLM on CPU works here").
+See docs/platform.md, "The torchvision repair".
 
 What this does, in the Python that runs it, each step only when needed (so it is idempotent):
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from axpo.config import RpcClientSettings
+from axpo.settings.base import RpcClientSettings
 
 __all__ = ["ServiceUnavailableError", "open_channel", "retry_service_config", "wait_for_health"]
 

@@ -33,8 +33,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from axpo.config import RpcServerSettings
-from axpo.logs import get_logger, log_event
+from axpo.settings.base import RpcServerSettings
+from axpo.telemetry.logs import get_logger, log_event
 
 __all__ = ["RunningServer", "ServiceRegistration", "serve_forever", "start_server"]
 

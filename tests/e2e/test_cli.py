@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-AXPO = [sys.executable, "-m", "axpo.cli"]
+AXPO = [sys.executable, "-m", "axpo.cli.main"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +33,7 @@ def test_help_lists_the_commands():
 
 def test_help_does_not_import_heavy_modules():
     code = (
-        "import sys; from axpo.cli import build_parser; build_parser(); "
+        "import sys; from axpo.cli.main import build_parser; build_parser(); "
         "heavy = [m for m in ('grpc', 'pydantic', 'sympy', 'math_verify', 'torch', "
         "'axpo_verifier') if m in sys.modules]; print(heavy)"
     )

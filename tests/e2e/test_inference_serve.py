@@ -1,6 +1,7 @@
 """``axpo serve inference --model DIR`` on the tiny Qwen3-VL with TIED embeddings: serves,
 swaps streamed weights in place (an image seen before the swap), and the new greedy output
-equals transformers with the same weights (the CPU lm_head repack, PLATFORM.md)."""
+equals transformers with the same weights (the CPU lm_head repack: docs/platform.md, "The stale
+tied lm_head")."""
 
 from __future__ import annotations
 
@@ -22,16 +23,16 @@ from PIL import Image as PILImage  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from axpo import convert  # noqa: E402
-from axpo.config import RpcClientSettings  # noqa: E402
-from axpo.domain import Image, SamplingParams  # noqa: E402
+from axpo.contracts import convert  # noqa: E402
+from axpo.contracts.domain import Image, SamplingParams  # noqa: E402
 from axpo.rpc.client import open_channel, wait_for_health  # noqa: E402
-from axpo.tiny_model import build_tiny_model  # noqa: E402
+from axpo.settings.base import RpcClientSettings  # noqa: E402
+from axpo.study.tiny_model import build_tiny_model  # noqa: E402
 from axpo.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-AXPO = [sys.executable, "-m", "axpo.cli"]
+AXPO = [sys.executable, "-m", "axpo.cli.main"]
 PROMPT = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Which colour?<|im_end|>\n"
     "<|im_start|>assistant\n<think>\n"

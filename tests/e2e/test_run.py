@@ -5,6 +5,7 @@ in the middle of a run. Both check that no process outlives the run."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -83,8 +84,15 @@ def test_run_trains_two_steps_and_leaves_a_report(tmp_path: Path) -> None:
     assert records[1]["policy_version"] == 2.0
     report = (run_dir / "report.md").read_text()
     assert "reward_mean" in report
-    for png in (run_dir / "plots").glob("*.png"):
-        assert png.read_bytes()[:4] == b"\x89PNG"
+    # Every metric these plots draw is logged at every step, so each plot must be written,
+    # linked from the report, and be a PNG; and nothing else is in plots/.
+    linked = set(re.findall(r"\]\(plots/([^)]+\.png)\)", report))
+    always = {"reward.png", "tool_call_rate.png", "loss.png", "time_split.png"}
+    assert always <= linked, f"plots not in the report: {always - linked}"
+    written = {png.name for png in (run_dir / "plots").glob("*.png")}
+    assert written == linked
+    for name in written:
+        assert (run_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert any((run_dir / "checkpoints").iterdir())
     assert "step 2/2" in err
     assert _alive_in_run(run_dir) == []

@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 
 pytestmark = pytest.mark.e2e
 
-AXPO = [sys.executable, "-m", "axpo.cli"]
+AXPO = [sys.executable, "-m", "axpo.cli.main"]
 
 
 def axpo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

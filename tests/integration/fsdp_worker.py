@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from learner_fixtures import text_group
 
-from axpo.config import LearnerSettings
+from axpo.settings.learner import LearnerSettings
 from axpo_learner import checkpoint
 from axpo_learner.trainer import Trainer
 

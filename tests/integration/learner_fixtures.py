@@ -13,10 +13,10 @@ import grpc
 import pytest
 import torch
 
-from axpo.config import RpcClientSettings, RpcServerSettings
-from axpo.domain import Group, Reward, Trajectory
+from axpo.contracts.domain import Group, Reward, Trajectory
 from axpo.rpc.server import ServiceRegistration, start_server
-from axpo.tiny_model import build_tiny_model
+from axpo.settings.base import RpcClientSettings, RpcServerSettings
+from axpo.study.tiny_model import build_tiny_model
 from axpo.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -51,12 +51,12 @@ def text_group(gid: str, *, size: int = 4, version: int = 0) -> Group:
 
 class RecordingInference(inference_pb2_grpc.InferenceServiceServicer):
     """A fake replica: applies the inference engine's own weight checks
-    (``axpo_inference.engine``: ``check_weights`` on the file's headers for LoadWeights,
+    (``axpo_inference.checkpoint``: ``check_weights`` on the file's headers for LoadWeights,
     ``WeightStreamAssembler`` for the stream, and a version that must increase) against the
     checkpoint it serves, then records what it got. Status reports the serving version."""
 
     def __init__(self, checkpoint: Path, version: int = 0) -> None:
-        from axpo_inference.engine import read_safetensors_specs
+        from axpo_inference.checkpoint import read_safetensors_specs
 
         self.expected = read_safetensors_specs(checkpoint)
         self.version = version
@@ -65,7 +65,8 @@ class RecordingInference(inference_pb2_grpc.InferenceServiceServicer):
     def _apply(self, path: Path, version: int, context: Any) -> None:
         from safetensors.torch import load_file
 
-        from axpo_inference.engine import InvalidRequestError, check_weights, read_safetensors_specs
+        from axpo_inference.checkpoint import check_weights, read_safetensors_specs
+        from axpo_inference.errors import InvalidRequestError
 
         try:
             check_weights(self.expected, read_safetensors_specs(path))
@@ -87,7 +88,8 @@ class RecordingInference(inference_pb2_grpc.InferenceServiceServicer):
         )
 
     def LoadWeightsStream(self, request_iterator, context):
-        from axpo_inference.engine import InvalidRequestError, WeightStreamAssembler
+        from axpo_inference.checkpoint import WeightStreamAssembler
+        from axpo_inference.errors import InvalidRequestError
 
         header = next(request_iterator).header
         asm = WeightStreamAssembler(self.expected, header.tensor_count)

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from axpo import domain as d
-from axpo.redis_server import RedisServer
+from axpo.contracts import domain as d
+from axpo.queue.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,9 @@ pytestmark = [
 def test_gpu_engine_serves_and_swaps_weights(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from axpo.config import InferenceSettings
-    from axpo.domain import SamplingParams
-    from axpo.tiny_model import build_tiny_model
+    from axpo.contracts.domain import SamplingParams
+    from axpo.settings.inference import InferenceSettings
+    from axpo.study.tiny_model import build_tiny_model
     from axpo_inference.engine import InferenceEngine
 
     model_dir = build_tiny_model(tmp_path / "tiny", seed=0, tie_word_embeddings=True)

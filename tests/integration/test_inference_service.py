@@ -15,10 +15,11 @@ from typing import Any
 import grpc
 import pytest
 
-from axpo import convert
-from axpo.config import InferenceSettings, RpcClientSettings, RpcServerSettings
-from axpo.domain import FinishReason, Image, SamplingParams
+from axpo.contracts import convert
+from axpo.contracts.domain import FinishReason, Image, SamplingParams
 from axpo.rpc.client import open_channel, wait_for_health
+from axpo.settings.base import RpcClientSettings, RpcServerSettings
+from axpo.settings.inference import InferenceSettings
 from axpo.v1 import inference_pb2, inference_pb2_grpc
 
 torch = pytest.importorskip("torch")
@@ -28,9 +29,10 @@ from PIL import Image as PILImage  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from axpo.tiny_model import build_tiny_model  # noqa: E402
+from axpo.study.tiny_model import build_tiny_model  # noqa: E402
 from axpo_inference.engine import InferenceEngine  # noqa: E402
 from axpo_inference.errors import InvalidRequestError  # noqa: E402
+from axpo_inference.sampling import to_sample  # noqa: E402
 from axpo_inference.server import start  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -206,14 +208,15 @@ def test_tool_call_stop_string_maps_to_stop_sequence(engine: InferenceEngine) ->
     out = SimpleNamespace(
         token_ids=[5, 6], logprobs=None, finish_reason="stop", stop_reason="</tool_call>"
     )
-    s = engine._sample(out, SamplingParams(stop_strings=("</tool_call>",)), 3)
+    k = engine.settings.entropy_top_logprobs
+    s = to_sample(out, SamplingParams(stop_strings=("</tool_call>",)), 3, k)
     assert (s.finish_reason, s.stop_string, s.policy_version) == (
         FinishReason.STOP_SEQUENCE,
         "</tool_call>",
         3,
     )
     eos = SimpleNamespace(token_ids=[5], logprobs=None, finish_reason="stop", stop_reason=None)
-    assert engine._sample(eos, SamplingParams(), 0).finish_reason is FinishReason.STOP
+    assert to_sample(eos, SamplingParams(), 0, k).finish_reason is FinishReason.STOP
 
 
 # --------------------------------------------------------------------------- resume

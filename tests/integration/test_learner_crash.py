@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from axpo.config import LearnerSettings, QueueSettings
 from axpo.queue import TrajectoryQueue
+from axpo.settings.learner import LearnerSettings
+from axpo.settings.queue import QueueSettings
 from axpo_learner import checkpoint
 from tests.integration import learner_fixtures, redis_fixtures
 from tests.integration.learner_fixtures import text_group
@@ -39,7 +40,8 @@ import faulthandler, logging, sys, time
 faulthandler.dump_traceback_later(60, repeat=False)  # a hang leaves its stack in the log
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 import redis
-from axpo.config import AlgorithmSpec, LearnerSettings
+from axpo.settings.job import AlgorithmSpec
+from axpo.settings.learner import LearnerSettings
 from axpo.queue import TrajectoryQueue
 from axpo_learner import checkpoint
 from axpo_learner.loop import LearnerLoop

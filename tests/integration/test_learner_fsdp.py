@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from axpo.config import LearnerSettings
+from axpo.settings.learner import LearnerSettings
 from axpo_learner import checkpoint
 from axpo_learner.trainer import Trainer
 from tests.integration import learner_fixtures

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings, QueueSettings
-from axpo.domain import Group, Image
+from axpo.contracts.domain import Group, Image
 from axpo.queue import TrajectoryQueue
+from axpo.settings.job import AlgorithmSpec, JobSpec
+from axpo.settings.learner import LearnerSettings
+from axpo.settings.queue import QueueSettings
 from axpo_learner import checkpoint
 from axpo_learner.loop import LearnerLoop, describe
 from axpo_learner.trainer import Trainer

@@ -1,7 +1,7 @@
 """axpo_learner.publish against a recording InferenceService on a real gRPC server (port 0).
 
 The fake servicer (``learner_fixtures.RecordingInference``) applies the inference engine's own
-weight checks (axpo_inference.engine: ``check_weights`` on the file's headers for LoadWeights,
+weight checks (axpo_inference.checkpoint: ``check_weights`` on the file's headers for LoadWeights,
 ``WeightStreamAssembler`` for the stream) against the tiny checkpoint the model was built from,
 then records what it got. The real vLLM engine's load path is tested with the inference
 service. The loop re-publishes restored weights after a restart at a version the replicas
@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings, QueueSettings
 from axpo.queue import TrajectoryQueue
-from axpo.tiny_model import build_tiny_model
+from axpo.settings.job import AlgorithmSpec, JobSpec
+from axpo.settings.learner import LearnerSettings
+from axpo.settings.queue import QueueSettings
+from axpo.study.tiny_model import build_tiny_model
 from axpo_learner import checkpoint
 from axpo_learner.loop import LearnerLoop
 from axpo_learner.publish import PathPublisher, PublishError, StreamPublisher

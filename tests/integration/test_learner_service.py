@@ -8,8 +8,11 @@ import threading
 import grpc
 import pytest
 
-from axpo.config import AlgorithmSpec, LearnerSettings, QueueSettings, RpcServerSettings
 from axpo.queue import TrajectoryQueue
+from axpo.settings.base import RpcServerSettings
+from axpo.settings.job import AlgorithmSpec
+from axpo.settings.learner import LearnerSettings
+from axpo.settings.queue import QueueSettings
 from axpo.v1 import learner_pb2, learner_pb2_grpc
 from axpo_learner import server
 from axpo_learner.loop import LearnerLoop

@@ -28,8 +28,9 @@ import grpc
 import pytest
 import torch
 
-from axpo.config import LearnerSettings, QueueSettings
 from axpo.queue import TrajectoryQueue
+from axpo.settings.learner import LearnerSettings
+from axpo.settings.queue import QueueSettings
 from axpo.v1 import learner_pb2, learner_pb2_grpc
 from axpo_learner import checkpoint
 from axpo_learner.trainer import Trainer

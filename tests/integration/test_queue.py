@@ -11,19 +11,12 @@ import time
 
 import pytest
 
-from axpo import domain as d
-from axpo.config import QueueSettings
-from axpo.convert import group_to_proto
-from axpo.queue import (
-    F_GROUP,
-    F_IMAGES,
-    F_TASK,
-    F_VERSION,
-    PromptTask,
-    QueueFullError,
-    TrajectoryQueue,
-)
-from axpo.redis_server import RedisServer, find_redis_server
+from axpo.contracts import domain as d
+from axpo.contracts.convert import group_to_proto
+from axpo.queue import PromptTask, QueueFullError, TrajectoryQueue
+from axpo.queue.entries import F_GROUP, F_IMAGES, F_TASK, F_VERSION
+from axpo.queue.redis_server import RedisServer, find_redis_server
+from axpo.settings.queue import QueueSettings
 from tests.integration import redis_fixtures
 from tests.integration.redis_fixtures import make_group, make_image, new_job_id
 
@@ -239,8 +232,8 @@ def test_redis_killed_mid_run_loses_nothing_and_redelivers_no_acked_entry(
 
 _DOOMED_CONSUMER = """
 import sys, time, redis
-from axpo import domain as d
-from axpo.config import QueueSettings
+from axpo.contracts import domain as d
+from axpo.settings.queue import QueueSettings
 from axpo.queue import TrajectoryQueue
 settings = QueueSettings.model_validate_json(sys.argv[3])
 q = TrajectoryQueue(redis.Redis.from_url(sys.argv[1]), sys.argv[2], settings)

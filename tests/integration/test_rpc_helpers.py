@@ -1,4 +1,4 @@
-"""axpo.rpc and axpo.logs against a real gRPC server on port 0."""
+"""axpo.rpc and axpo.telemetry.logs against a real gRPC server on port 0."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from axpo.config import RpcClientSettings, RpcServerSettings
 from axpo.rpc.client import ServiceUnavailableError, open_channel, wait_for_health
 from axpo.rpc.server import RunningServer, ServiceRegistration, start_server
+from axpo.settings.base import RpcClientSettings, RpcServerSettings
 from axpo.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -355,8 +355,8 @@ def test_request_logging_can_be_off(
 
 SERVER_SCRIPT = """
 import sys, time
-from axpo.config import LogSettings, RpcServerSettings
-from axpo.logs import configure_logging
+from axpo.settings.base import LogSettings, RpcServerSettings
+from axpo.telemetry.logs import configure_logging
 from axpo.rpc.server import ServiceRegistration, serve_forever, start_server
 from axpo.v1 import verifier_pb2, verifier_pb2_grpc
 

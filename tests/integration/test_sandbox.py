@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 from PIL import Image as PILImage
 
-from axpo.domain import ToolErrorKind
+from axpo.contracts.domain import ToolErrorKind
 from axpo_tools.sandbox import PythonSandbox, RunResult, SandboxLimits, SandboxUnavailableError
-from axpo_tools.sandbox.pool import uid_processes
+from axpo_tools.sandbox.uids import uid_processes
 
 pytestmark = pytest.mark.integration
 
@@ -235,6 +235,7 @@ def test_an_exception_is_the_codes_error_not_the_sandboxs(sandbox: PythonSandbox
     assert "return 1 / 0" in result.stderr  # the source line is shown
     assert "ZeroDivisionError: division by zero" in result.stderr
     assert "zygote" not in result.stderr  # no sandbox frames
+    assert "axpo_tools" not in result.stderr
     assert "ZeroDivisionError" in result.message
 
 

@@ -1,5 +1,5 @@
 """The tiny Qwen3-VL checkpoint: it loads by the code path of a real checkpoint, generates with
-images, and its chat template renders exactly what axpo.chat renders."""
+images, and its chat template renders exactly what axpo.contracts.chat renders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from axpo.chat import (
+from axpo.cli.main import main
+from axpo.contracts.chat import (
     GENERATION_PROMPT,
     IMAGE_PLACEHOLDER,
     ToolResponse,
@@ -20,27 +21,11 @@ from axpo.chat import (
     render_tool_call,
     render_tool_responses,
 )
-from axpo.cli import main
-from axpo.tiny_model import SPECIAL_TOKENS, TAG_TOKENS, build_tiny_model, count_parameters
+from axpo.study.tiny_model import SPECIAL_TOKENS, TAG_TOKENS, build_tiny_model, count_parameters
+from tests.integration.tool_specs import ZOOM_TOOL
 
 pytestmark = pytest.mark.integration
 
-ZOOM_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "image_zoom_in_tool",
-        "description": "Zoom in on a region of an image (bbox_2d in relative 0-1000 coordinates).",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "bbox_2d": {"type": "array", "items": {"type": "number"}},
-                "label": {"type": "string"},
-                "img_idx": {"type": "integer"},
-            },
-            "required": ["bbox_2d", "label"],
-        },
-    },
-}
 PYTHON_TOOL = {
     "type": "function",
     "function": {
@@ -110,7 +95,7 @@ def _conversation(first: Any = None, second: Any = None) -> list[dict[str, Any]]
 
 
 def _expected_prefix() -> str:
-    """What axpo.chat renders for the conversation up to the tool responses."""
+    """What axpo.contracts.chat renders for the conversation up to the tool responses."""
     return (
         render_system_turn("You are a helpful assistant.", [ZOOM_TOOL, PYTHON_TOOL])
         + f"<|im_start|>user\n{IMAGE_PLACEHOLDER}What colour is the framed cell?<|im_end|>\n"

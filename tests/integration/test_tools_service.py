@@ -12,10 +12,11 @@ import grpc
 import pytest
 from PIL import Image as PILImage
 
-from axpo import convert
-from axpo.config import PythonToolSettings, RpcClientSettings, RpcServerSettings, ToolsSettings
-from axpo.domain import Image, ToolCall
+from axpo.contracts import convert
+from axpo.contracts.domain import Image, ToolCall
 from axpo.rpc.client import open_channel, wait_for_health
+from axpo.settings.base import RpcClientSettings, RpcServerSettings
+from axpo.settings.tools import PythonToolSettings, ToolsSettings
 from axpo.v1 import common_pb2, tools_pb2, tools_pb2_grpc
 from axpo_tools.server import Admission, start
 from axpo_tools.toolbox import Toolbox

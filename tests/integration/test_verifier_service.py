@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from axpo.config import RpcClientSettings, RpcServerSettings, VerifierSettings
 from axpo.rpc.client import open_channel, wait_for_health
+from axpo.settings.base import RpcClientSettings, RpcServerSettings
+from axpo.settings.verifier import VerifierSettings
 from axpo.v1 import common_pb2 as pb
 from axpo.v1 import verifier_pb2, verifier_pb2_grpc
 from axpo_verifier.server import start

@@ -1,6 +1,6 @@
-"""axpo.warmstart on the tiny model: demonstrations render like rollouts, the loss covers only
-the model's spans, the shared-prefix loss equals the full-row loss, and the saved checkpoint
-loads like its input."""
+"""axpo_learner.warmstart on the tiny model: demonstrations render like rollouts, the loss
+covers only the model's spans, the shared-prefix loss equals the full-row loss, and the saved
+checkpoint loads like its input."""
 
 from __future__ import annotations
 
@@ -17,35 +17,20 @@ from PIL import Image as PILImage
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from axpo import chat, warmstart
-from axpo.config import DEFAULT_SYSTEM_PROMPT, TaskSpec
-from axpo.domain import Image, ToolCall, ToolResult
-from axpo.tasks import generate_task
-from axpo.tiny_model import build_tiny_model
+from axpo.contracts import chat
+from axpo.contracts.domain import Image, ToolCall, ToolResult
+from axpo.settings.job import DEFAULT_SYSTEM_PROMPT, TaskSpec
+from axpo.study.tasks import generate_task
+from axpo.study.tiny_model import build_tiny_model
+from axpo_learner import warmstart
+from axpo_learner.batch import ImageEncoder
+from tests.integration.tool_specs import ZOOM_TOOL
 
 pytestmark = pytest.mark.integration
 
-ZOOM = {
-    "type": "function",
-    "function": {
-        "name": "image_zoom_in_tool",
-        "description": "Zoom in on a region of an image.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "bbox_2d": {"type": "array", "items": {"type": "number"}},
-                "label": {"type": "string"},
-                "img_idx": {"type": "integer"},
-            },
-            "required": ["bbox_2d", "label"],
-        },
-    },
-}
-
 
 def _crop(call: ToolCall, images: Sequence[Image]) -> ToolResult:
-    """A stand-in for the zoom tool: the top-left 64x64 of the image (the core must not
-    import services)."""
+    """A stand-in for the zoom tool: the top-left 64x64 of the image (no tool server)."""
     assert call.name == "image_zoom_in_tool"
     args = json.loads(call.arguments_json)
     assert len(args["bbox_2d"]) == 4
@@ -74,7 +59,7 @@ def test_demo_renders_like_a_rollout_and_masks_only_model_spans() -> None:
     task = generate_task("zoom_digits", 5, 128)
     demo = warmstart.build_demo(
         task,
-        tools=[ZOOM],
+        tools=[ZOOM_TOOL],
         call_tool=_crop,
         system_prompt=DEFAULT_SYSTEM_PROMPT,
         use_tool=True,
@@ -82,7 +67,7 @@ def test_demo_renders_like_a_rollout_and_masks_only_model_spans() -> None:
         rng=random.Random(0),
     )
     text = "".join(s.text for s in demo.spans)
-    assert text.startswith(chat.render_prompt(DEFAULT_SYSTEM_PROMPT, [ZOOM], task.question, 1))
+    assert text.startswith(chat.render_prompt(DEFAULT_SYSTEM_PROMPT, [ZOOM_TOOL], task.question, 1))
     trained = [s.text for s in demo.spans if s.train]
     assert trained[0].startswith("The box is too small")
     assert "</tool_call>" in trained[0]
@@ -97,7 +82,7 @@ def test_demo_renders_like_a_rollout_and_masks_only_model_spans() -> None:
     assert calls[0].ok
     direct = warmstart.build_demo(
         task,
-        tools=[ZOOM],
+        tools=[ZOOM_TOOL],
         call_tool=_crop,
         system_prompt=DEFAULT_SYSTEM_PROMPT,
         use_tool=False,
@@ -113,15 +98,15 @@ def test_demo_renders_like_a_rollout_and_masks_only_model_spans() -> None:
 def test_shared_prefix_loss_equals_full_rows(tiny: Path) -> None:
     processor = AutoProcessor.from_pretrained(tiny)
     model = AutoModelForImageTextToText.from_pretrained(tiny, dtype=torch.float32)
-    encoder = warmstart._Encoder(processor)
+    encoder = ImageEncoder(processor)
     tok = processor.tokenizer
-    prefix = tok(chat.render_system_turn("sys", [ZOOM]), add_special_tokens=False)["input_ids"]
+    prefix = tok(chat.render_system_turn("sys", [ZOOM_TOOL]), add_special_tokens=False)["input_ids"]
     rows = []
     for i, use_tool in enumerate((True, False, True)):
         task = generate_task("zoom_digits", i, 64)
         demo = warmstart.build_demo(
             task,
-            tools=[ZOOM],
+            tools=[ZOOM_TOOL],
             call_tool=_crop,
             system_prompt="sys",
             use_tool=use_tool,
@@ -144,7 +129,7 @@ def test_warm_start_trains_and_saves_a_loadable_checkpoint(tiny: Path, tmp_path:
     metrics = warmstart.warm_start(
         tiny,
         out,
-        tools=[ZOOM],
+        tools=[ZOOM_TOOL],
         call_tool=_crop,
         tasks=TaskSpec(count=8, image_size=64),
         system_prompt=DEFAULT_SYSTEM_PROMPT,
@@ -164,7 +149,7 @@ def test_warm_start_trains_and_saves_a_loadable_checkpoint(tiny: Path, tmp_path:
     processor = AutoProcessor.from_pretrained(out)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     task = generate_task("zoom_digits", 100, 64)
-    text = chat.render_prompt(DEFAULT_SYSTEM_PROMPT, [ZOOM], task.question, image_count=1)
+    text = chat.render_prompt(DEFAULT_SYSTEM_PROMPT, [ZOOM_TOOL], task.question, image_count=1)
     image = PILImage.open(io.BytesIO(task.image.data)).convert("RGB")
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     with torch.no_grad():

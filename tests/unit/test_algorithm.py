@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from axpo import algorithm as alg
-from axpo.domain import Group, Reward, Trajectory
+from axpo.contracts.domain import Group, Reward, Trajectory
 
 
 def traj(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from axpo import algorithm as alg
-from axpo.domain import (
+from axpo.contracts.domain import (
     Reward,
     Segment,
     SegmentKind,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from axpo.chat import (
+from axpo.contracts.chat import (
     IMAGE_PLACEHOLDER,
     ToolResponse,
     find_tool_call_blocks,
@@ -21,7 +21,7 @@ from axpo.chat import (
     split_thinking,
     tool_error_text,
 )
-from axpo.domain import ToolErrorKind
+from axpo.contracts.domain import ToolErrorKind
 
 ZOOM_SCHEMA = {
     "type": "object",

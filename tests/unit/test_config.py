@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from pydantic import BaseModel
 
-from axpo import config
-from axpo.domain import RewardWeights
+from axpo import settings
+from axpo.contracts.domain import RewardWeights
+from axpo.settings import job, verifier
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,22 +26,31 @@ def _models(root: type[BaseModel]) -> set[type[BaseModel]]:
     return found
 
 
+def _settings_modules() -> list[ModuleType]:
+    return [
+        importlib.import_module(f"axpo.settings.{m.name}")
+        for m in pkgutil.iter_modules(settings.__path__)
+    ]
+
+
+# Every pydantic model defined in any settings module (a new service's settings included).
 ALL_MODELS = sorted(
-    set().union(
-        *(
-            _models(m)
-            for m in (
-                config.VerifierSettings,
-                config.ToolsSettings,
-                config.InferenceSettings,
-                config.JobSpec,
-                config.QueueSettings,
-                config.LearnerSettings,
-            )
-        )
-    ),
+    {
+        obj
+        for module in _settings_modules()
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, BaseModel)
+        and obj.__module__ == module.__name__
+    },
     key=lambda m: m.__name__,
 )
+
+
+def test_each_service_has_its_settings_module():
+    names = {m.__name__.rsplit(".", 1)[1] for m in _settings_modules()}
+    assert {"base", "inference", "job", "learner", "queue", "rollout", "tools", "verifier"} <= names
+    assert len(ALL_MODELS) >= 17, [m.__name__ for m in ALL_MODELS]
 
 
 @pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.__name__)
@@ -50,7 +63,7 @@ def test_environment_overrides_nested_fields(monkeypatch):
     monkeypatch.setenv("AXPO_VERIFIER_RPC__PORT", "6123")
     monkeypatch.setenv("AXPO_VERIFIER_DEFAULT_REL_TOL", "0.05")
     monkeypatch.setenv("AXPO_VERIFIER_REWARD_WEIGHTS__TOOL_BONUS", "0.5")
-    s = config.VerifierSettings()
+    s = verifier.VerifierSettings()
     assert s.rpc.port == 6123
     assert s.default_rel_tol == 0.05
     assert s.reward_weights == RewardWeights(accuracy=1.0, format=0.1, tool_bonus=0.5)
@@ -59,12 +72,12 @@ def test_environment_overrides_nested_fields(monkeypatch):
 def test_bad_environment_value_names_the_field(monkeypatch):
     monkeypatch.setenv("AXPO_VERIFIER_MATH_WORKERS", "0")
     with pytest.raises(ValueError, match="math_workers"):
-        config.VerifierSettings()
+        verifier.VerifierSettings()
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
-    spec = config.load_job_spec(path)
+    spec = job.load_job_spec(path)
     assert spec.name
     first_lines = path.read_text().splitlines()[:6]
     assert any("axpo " in line for line in first_lines), "config must open with its command"
@@ -96,17 +109,17 @@ def test_every_shipped_config_parses(path):
 def test_job_spec_errors_name_the_field(tmp_path, yaml_text, expected):
     path = tmp_path / "job.yaml"
     path.write_text(yaml_text)
-    with pytest.raises(config.JobSpecError) as err:
-        config.load_job_spec(path)
+    with pytest.raises(job.JobSpecError) as err:
+        job.load_job_spec(path)
     assert str(path) in str(err.value)
     assert expected in str(err.value)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(config.JobSpecError, match="cannot read"):
-        config.load_job_spec(tmp_path / "nope.yaml")
+    with pytest.raises(job.JobSpecError, match="cannot read"):
+        job.load_job_spec(tmp_path / "nope.yaml")
 
 
 def test_reward_spec_gives_weights():
-    spec = config.RewardSpec(accuracy=1.0, format=0.0, tool_bonus=0.2)
+    spec = job.RewardSpec(accuracy=1.0, format=0.0, tool_bonus=0.2)
     assert spec.weights() == RewardWeights(1.0, 0.0, 0.2)

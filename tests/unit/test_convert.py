@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from axpo import convert as c
-from axpo import domain as d
+from axpo.contracts import convert as c
+from axpo.contracts import domain as d
 from axpo.v1 import common_pb2 as pb
 from axpo.v1 import verifier_pb2 as verifier_pb
 

@@ -1,11 +1,12 @@
-"""axpo.diagnostics: step diagnostics on hand-built groups, every number worked out by hand."""
+"""axpo.algorithm.diagnostics: step diagnostics on hand-built groups, every number worked out
+by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from axpo.diagnostics import DIAGNOSTIC_HELP, DIAGNOSTIC_KEYS, step_diagnostics
-from axpo.domain import (
+from axpo.algorithm.diagnostics import DIAGNOSTIC_HELP, DIAGNOSTIC_KEYS, step_diagnostics
+from axpo.contracts.domain import (
     Group,
     Reward,
     Segment,

@@ -1,4 +1,4 @@
-"""axpo.logs: text and JSON line formats, idempotent configuration."""
+"""axpo.telemetry.logs: text and JSON line formats, idempotent configuration."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from axpo.config import LogSettings
-from axpo.logs import configure_logging, get_logger, log_event
+from axpo.settings.base import LogSettings
+from axpo.telemetry.logs import configure_logging, get_logger, log_event
 
 SCORE = "/axpo.v1.VerifierService/Score"
 

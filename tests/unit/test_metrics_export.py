@@ -1,4 +1,4 @@
-"""axpo.metrics_export: Prometheus gauges in a private registry, /metrics over HTTP, JSONL."""
+"""axpo.telemetry.metrics: Prometheus gauges in a private registry, /metrics over HTTP, JSONL."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from axpo.diagnostics import DIAGNOSTIC_KEYS
-from axpo.metrics_export import StepMetrics, append_jsonl, metric_name
+from axpo.algorithm.diagnostics import DIAGNOSTIC_KEYS
+from axpo.telemetry.metrics import StepMetrics, append_jsonl, metric_name
 
 
 def lines(metrics: StepMetrics) -> set[str]:

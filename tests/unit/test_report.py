@@ -1,4 +1,4 @@
-"""axpo.report: plots and report.md from a small metrics.jsonl."""
+"""axpo.study.report: plots and report.md from a small metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from axpo.report import PLOTS, load_metrics, write_report
+from axpo.study.report import PLOTS, load_metrics, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

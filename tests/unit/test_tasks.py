@@ -1,4 +1,4 @@
-"""axpo.tasks: seeded questions whose images are rebuilt byte for byte from a small dict."""
+"""axpo.study.tasks: seeded questions whose images are rebuilt byte for byte from a small dict."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 import pytest
 from PIL import Image as PILImage
 
-from axpo.config import TaskSpec
-from axpo.domain import AnswerKind
-from axpo.tasks import (
+from axpo.contracts.domain import AnswerKind
+from axpo.settings.job import TaskSpec
+from axpo.study.tasks import (
     BOX_FILL,
     choice_values,
     families,

@@ -28,10 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from axpo import convert
-from axpo.config import InferenceSettings, RpcClientSettings, RpcServerSettings
-from axpo.domain import Image, SamplingParams
+from axpo.contracts import convert
+from axpo.contracts.domain import Image, SamplingParams
 from axpo.rpc.client import open_channel
+from axpo.settings.base import RpcClientSettings, RpcServerSettings
+from axpo.settings.inference import InferenceSettings
 from axpo.v1 import inference_pb2, inference_pb2_grpc
 from axpo_inference.engine import InferenceEngine
 from axpo_inference.server import start
@@ -72,7 +73,7 @@ def _best(fn: Callable[[], Any], rounds: int) -> float:
 def run(rounds: int = 3) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from axpo.tiny_model import build_tiny_model
+    from axpo.study.tiny_model import build_tiny_model
 
     rounds = max(1, rounds)
     with tempfile.TemporaryDirectory() as tmp:

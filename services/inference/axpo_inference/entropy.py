@@ -22,8 +22,9 @@ estimator is
 - The matching upper bound is ``-sum p_i log p_i + r log((V - k) / r)`` (tail spread evenly);
   it needs V and grows with the vocabulary, so it is not used.
 
-AXPO ranks candidate prefixes by this estimate (DESIGN.md §1), so what matters most is that it
-is monotone in the spread of the distribution and comparable across tokens with the same k.
+AXPO ranks candidate prefixes by this estimate (docs/algorithm.md, "Uncertainty score"), so
+what matters most is that it is monotone in the spread of the distribution and comparable
+across tokens with the same k.
 """
 
 from __future__ import annotations

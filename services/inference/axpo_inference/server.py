@@ -12,15 +12,15 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from axpo import convert
-from axpo.config import InferenceSettings
-from axpo.logs import configure_logging, get_logger
+from axpo.contracts import convert
 from axpo.rpc.server import RunningServer, ServiceRegistration, serve_forever, start_server
-from axpo.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from axpo.settings.inference import InferenceSettings
+from axpo.telemetry.logs import configure_logging, get_logger
+from axpo.v1 import inference_pb2, inference_pb2_grpc
 from axpo_inference.engine import GenerationResult, InferenceEngine
 from axpo_inference.errors import EngineDeadError, InvalidRequestError, PreconditionError
 
@@ -55,13 +55,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def _run(
         self,
-        request_id: str,
-        prompt: list[int],
+        request: inference_pb2.GenerateRequest | inference_pb2.ResumeFromPrefixRequest,
         prefix: list[int],
-        images: list[common_pb2.Image],
-        sampling: common_pb2.SamplingParams,
         context: grpc.ServicerContext,
-    ) -> GenerationResult:
+    ) -> dict[str, Any]:
+        """Run a Generate or ResumeFromPrefix request (``prefix``: the frozen prefix, empty for
+        Generate); returns the fields their responses share."""
+        request_id = request.request_id
+        sampling = request.sampling
         if not sampling.top_p >= 0:  # the converter reads 0 as "off" (1.0); negatives are errors
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -71,8 +72,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
         def run() -> GenerationResult:
             future = self._engine.submit(
-                prompt,
-                [convert.image_from_proto(i) for i in images],
+                list(request.prompt_token_ids),
+                [convert.image_from_proto(i) for i in request.images],
                 params,
                 prefix_ids=prefix,
                 request_id=request_id,
@@ -83,43 +84,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return future.result()
 
         try:
-            return self._guard(context, run)
+            result = self._guard(context, run)
         except CancelledError:
             context.abort(grpc.StatusCode.CANCELLED, f"request {request_id}: cancelled")
             raise AssertionError("unreachable") from None
+        return {
+            "samples": [convert.sample_to_proto(s) for s in result.samples],
+            "prompt_tokens": result.prompt_tokens,
+            "cached_prompt_tokens": result.cached_prompt_tokens,
+        }
 
     def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> inference_pb2.GenerateResponse:
-        result = self._run(
-            request.request_id,
-            list(request.prompt_token_ids),
-            [],
-            list(request.images),
-            request.sampling,
-            context,
-        )
-        return inference_pb2.GenerateResponse(
-            samples=[convert.sample_to_proto(s) for s in result.samples],
-            prompt_tokens=result.prompt_tokens,
-            cached_prompt_tokens=result.cached_prompt_tokens,
-        )
+        return inference_pb2.GenerateResponse(**self._run(request, [], context))
 
     def ResumeFromPrefix(
         self, request: inference_pb2.ResumeFromPrefixRequest, context: grpc.ServicerContext
     ) -> inference_pb2.ResumeFromPrefixResponse:
-        result = self._run(
-            request.request_id,
-            list(request.prompt_token_ids),
-            list(request.prefix_token_ids),
-            list(request.images),
-            request.sampling,
-            context,
-        )
         return inference_pb2.ResumeFromPrefixResponse(
-            samples=[convert.sample_to_proto(s) for s in result.samples],
-            prompt_tokens=result.prompt_tokens,
-            cached_prompt_tokens=result.cached_prompt_tokens,
+            **self._run(request, list(request.prefix_token_ids), context)
         )
 
     def LoadWeights(

@@ -135,9 +135,9 @@ class AxpoWorkerExtension:
         at the publish directory (which the learner deletes later). On CPU the embedding
         tables are loaded straight into their live parameters and input embeddings are not
         re-packed (:func:`_embeddings_loaded_in_place`); the output layer is re-packed by the
-        reload (in place, tied or not), else here when ``tied`` (PLATFORM.md's stale tied
-        head). GPU: vLLM's generic in-place reload unchanged (the loaders copy host tensors to
-        the device; nothing is packed there).
+        reload (in place, tied or not), else here when ``tied`` (docs/platform.md,
+        "The stale tied lm_head"). GPU: vLLM's generic in-place reload unchanged (the loaders
+        copy host tensors to the device; nothing is packed there).
         """
         from vllm.platforms import current_platform
 
@@ -154,8 +154,9 @@ class AxpoWorkerExtension:
         else:  # GPU: vLLM's generic in-place reload as it is
             worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         t1 = time.perf_counter()
-        # A tied head's packed copy is stale after the generic reload (PLATFORM.md); loaded
-        # in place, the reload's finalization re-packed it already.
+        # A tied head's packed copy is stale after the generic reload (docs/platform.md,
+        # "The stale tied lm_head"); loaded in place, the reload's finalization re-packed it
+        # already.
         repacked = self.axpo_repack_lm_head() if tied and not counts["head_in_place"] else False
         t2 = time.perf_counter()
         return {
@@ -171,8 +172,9 @@ class AxpoWorkerExtension:
 
         vLLM's CPU backend packs ``lm_head`` for its GEMM kernel at load time; an in-place
         reload updates the weight but, with tied embeddings, not the packed copy, so the model
-        would keep the old output layer (PLATFORM.md). (An untied head is a checkpoint tensor
-        of its own, so the reload re-packs it.) Returns whether it ran; GPU: nothing to do.
+        would keep the old output layer (docs/platform.md, "The stale tied lm_head"). (An
+        untied head is a checkpoint tensor of its own, so the reload re-packs it.) Returns
+        whether it ran; GPU: nothing to do.
         """
         from vllm.platforms import current_platform
 

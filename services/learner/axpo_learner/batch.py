@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from axpo import algorithm
-from axpo.config import AlgorithmSpec
-from axpo.domain import Group, Image, Trajectory
+from axpo.contracts.domain import Group, Image, Trajectory
+from axpo.settings.job import AlgorithmSpec
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,13 @@ def expand_placeholders(
     return tuple(ids), tuple(where)
 
 
-def _moved(values: Sequence[Any], where: Sequence[int], n: int, fill: Any) -> tuple[Any, ...]:
+def moved(values: Sequence[Any], where: Sequence[int], n: int, fill: Any) -> tuple[Any, ...]:
+    """A per-token array moved along an expansion: ``values[i]`` goes to ``where[i]`` (from
+    :func:`expand_placeholders`) in an array of ``n``; the added positions get ``fill``.
+
+    >>> moved([1, 2, 3], (0, 1, 4), 5, 0)
+    (1, 2, 0, 0, 3)
+    """
     out = [fill] * n
     for v, j in zip(values, where, strict=True):
         out[j] = v
@@ -244,8 +250,8 @@ def _with_images(
         group_id=row.group_id,
         trajectory_id=row.trajectory_id,
         token_ids=ids,
-        loss_mask=_moved(row.loss_mask, where, n, False),
-        rollout_logprobs=_moved(row.rollout_logprobs, where, n, 0.0),
+        loss_mask=moved(row.loss_mask, where, n, False),
+        rollout_logprobs=moved(row.rollout_logprobs, where, n, 0.0),
         advantage=row.advantage,
         pixel_values=torch.cat([pv for pv, _ in encoded]),
         image_grid_thw=grids,

@@ -8,12 +8,12 @@ A full-size step (8 rollouts x 1k tokens with a 64 KiB image per group) takes te
 on 2 CPU cores, too long to repeat here; the per-group rate at 256 tokens is therefore an
 upper bound on the learner's rate at 1k tokens, which makes the headroom figure conservative.
 
-:func:`run` runs the queue bench (:func:`axpo.queue_bench.run`, real Redis) and reports its
+:func:`run` runs the queue bench (:func:`axpo.queue.bench.run`, real Redis) and reports its
 ``headroom`` over the measured rate instead of an assumed one. The core package cannot do this
 itself: it must not import the learner service.
 
 :func:`measure_publish` times weight publication to one REAL inference replica (``axpo serve
-inference`` as a subprocess through :class:`axpo.launcher.Launcher`, on the tiny model) with
+inference`` as a subprocess through :class:`axpo.local.processes.Processes`, on the tiny model) with
 both transports, against a raw copy of the same bytes; see :data:`PUBLISH_DEFINITIONS`.
 """
 
@@ -31,11 +31,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from axpo import queue_bench
-from axpo.config import LearnerSettings, RpcClientSettings, load_job_spec
-from axpo.domain import Group, Reward, Trajectory
-from axpo.launcher import Launcher, settings_env
-from axpo.tiny_model import DEFAULT_VOCAB_SIZE, build_tiny_model
+from axpo.contracts.domain import Group, Reward, Trajectory
+from axpo.local.processes import Processes, settings_env
+from axpo.queue import bench as queue_bench
+from axpo.settings.base import RpcClientSettings
+from axpo.settings.job import load_job_spec
+from axpo.settings.learner import LearnerSettings
+from axpo.study.tiny_model import DEFAULT_VOCAB_SIZE, build_tiny_model
 
 __all__ = ["PUBLISH_DEFINITIONS", "measure_learner", "measure_publish", "print_table", "run"]
 
@@ -170,10 +172,10 @@ def measure_publish(
         )
         model_dir = build_tiny_model(run_dir / "model", seed=seed, vocab_size=vocab_size)
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-        launcher = Launcher(spec, config, run_dir, out=sys.stderr)
+        procs = Processes(run_dir, out=sys.stderr)
         publishers: list[Any] = []
         try:
-            inference = launcher.start(
+            inference = procs.start(
                 "inference",
                 "inference",
                 {
@@ -184,7 +186,7 @@ def measure_publish(
                     "AXPO_WEIGHT_LOADER": weight_loader,
                 },
             )
-            launcher.wait_ready([inference], startup_timeout_s)
+            procs.wait_ready([inference], startup_timeout_s)
             target = [RpcClientSettings(target=f"127.0.0.1:{inference.port}", deadline_s=600.0)]
             path_pub = PathPublisher(target, publish_root)
             stream_pub = StreamPublisher(target)
@@ -214,7 +216,7 @@ def measure_publish(
         finally:
             for pub in publishers:
                 pub.close()
-            launcher.stop_all()
+            procs.stop_all()
             shutil.rmtree(publish_root, ignore_errors=True)
     publish_s = _median(timed["path"])
     stream_s = _median(timed["stream"])

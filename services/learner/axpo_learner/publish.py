@@ -25,8 +25,8 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
-from axpo.config import RpcClientSettings
 from axpo.rpc.client import open_channel
+from axpo.settings.base import RpcClientSettings
 from axpo.v1 import inference_pb2, inference_pb2_grpc
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

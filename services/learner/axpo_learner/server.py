@@ -1,7 +1,7 @@
 """gRPC front of the learner (``axpo serve learner``): the only module of the service that
 touches gRPC.
 
-:func:`serve` builds everything from :class:`~axpo.config.LearnerSettings`: the queue
+:func:`serve` builds everything from :class:`~axpo.settings.learner.LearnerSettings`: the queue
 (``settings.queue``; a private redis-server when it has no ``redis_url``), the trainer, the
 weight publisher (none without ``inference_targets``), and a :class:`LearnerLoop` that runs in
 a background thread while the main thread serves ``LearnerService``. The process ends when
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import grpc
 
-from axpo.config import AlgorithmSpec, JobSpec, LearnerSettings, load_job_spec
-from axpo.diagnostics import DIAGNOSTIC_HELP
-from axpo.logs import configure_logging
-from axpo.metrics_export import StepMetrics, append_jsonl
+from axpo.algorithm.diagnostics import DIAGNOSTIC_HELP
 from axpo.queue import TrajectoryQueue, connect
 from axpo.rpc.server import RunningServer, ServiceRegistration, serve_forever, start_server
+from axpo.settings.job import AlgorithmSpec, JobSpec, load_job_spec
+from axpo.settings.learner import LearnerSettings
+from axpo.telemetry.logs import configure_logging
+from axpo.telemetry.metrics import StepMetrics, append_jsonl
 from axpo.v1 import learner_pb2, learner_pb2_grpc
 from axpo_learner import distributed
 from axpo_learner.loop import LearnerLoop

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from axpo import algorithm
-from axpo.config import AlgorithmSpec, LearnerSettings
-from axpo.domain import Group
+from axpo.contracts.domain import Group
+from axpo.settings.job import AlgorithmSpec
+from axpo.settings.learner import LearnerSettings
 from axpo_learner import distributed
 from axpo_learner.batch import ImageEncoder, MicroBatch, micro_batches, rows_from_groups
 

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from axpo import convert
-from axpo.config import RpcClientSettings
-from axpo.domain import Image, ToolCall
+from axpo.contracts import convert
+from axpo.contracts.domain import Image, ToolCall
 from axpo.rpc.client import open_channel, wait_for_health
+from axpo.settings.base import RpcClientSettings
 from axpo.v1 import tools_pb2, tools_pb2_grpc
 
 PYTHON_CODE = "print(sum(range(1000)))"
@@ -86,7 +86,7 @@ def _server(warm: bool) -> Iterator[tools_pb2_grpc.ToolServiceStub]:
             [
                 sys.executable,
                 "-m",
-                "axpo.cli",
+                "axpo.cli.main",
                 "serve",
                 "tools",
                 "--port",

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from axpo.domain import ToolErrorKind
+from axpo.contracts.domain import ToolErrorKind
 
 
 class ToolFailure(Exception):

@@ -7,8 +7,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from axpo.config import PythonToolSettings
-from axpo.domain import Image, ToolError, ToolErrorKind, ToolResult
+from axpo.contracts.domain import Image, ToolError, ToolErrorKind, ToolResult
+from axpo.settings.tools import PythonToolSettings
 from axpo_tools.errors import ToolFailure
 from axpo_tools.sandbox import PythonSandbox, SandboxLimits
 

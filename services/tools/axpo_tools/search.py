@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from axpo.config import SearchSettings
-from axpo.domain import ToolErrorKind, ToolResult
+from axpo.contracts.domain import ToolErrorKind, ToolResult
+from axpo.settings.tools import SearchSettings
 from axpo_tools.errors import ToolFailure
 from axpo_tools.knowledge import CORPUS_PATH
 

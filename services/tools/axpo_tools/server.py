@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 
-from axpo import convert
-from axpo.config import ToolsSettings
-from axpo.domain import ToolError, ToolErrorKind, ToolResult
-from axpo.logs import configure_logging
+from axpo.contracts import convert
+from axpo.contracts.domain import ToolError, ToolErrorKind, ToolResult
 from axpo.rpc.server import RunningServer, ServiceRegistration, serve_forever, start_server
+from axpo.settings.tools import ToolsSettings
+from axpo.telemetry.logs import configure_logging
 from axpo.v1 import tools_pb2, tools_pb2_grpc
 from axpo_tools.toolbox import Toolbox
 

@@ -12,10 +12,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from axpo.chat import schema_problem, tool_error_text
-from axpo.config import ToolsSettings
-from axpo.domain import Image, ToolCall, ToolError, ToolErrorKind, ToolResult, ToolSpec
-from axpo.logs import get_logger, log_event
+from axpo.contracts.chat import schema_problem, tool_error_text
+from axpo.contracts.domain import Image, ToolCall, ToolError, ToolErrorKind, ToolResult, ToolSpec
+from axpo.settings.tools import ToolsSettings
+from axpo.telemetry.logs import get_logger, log_event
 from axpo_tools.errors import ToolFailure
 from axpo_tools.search import SearchTool
 from axpo_tools.zoom import ZoomTool

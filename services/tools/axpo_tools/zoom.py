@@ -27,8 +27,8 @@ from typing import Any
 
 from PIL import Image as PILImage
 
-from axpo.config import ZoomSettings
-from axpo.domain import Image, ToolErrorKind, ToolResult
+from axpo.contracts.domain import Image, ToolErrorKind, ToolResult
+from axpo.settings.tools import ZoomSettings
 from axpo_tools.errors import ToolFailure
 
 NAME = "image_zoom_in_tool"

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from axpo import convert
-from axpo.config import RpcClientSettings
-from axpo.domain import AnswerKind, ScoreItem
+from axpo.contracts import convert
+from axpo.contracts.domain import AnswerKind, ScoreItem
 from axpo.rpc.client import open_channel, wait_for_health
+from axpo.settings.base import RpcClientSettings
 from axpo.v1 import verifier_pb2, verifier_pb2_grpc
 
 BATCH = 256  # items per Score request; a rollout group is 8-16, a step's worth is hundreds
@@ -126,7 +126,7 @@ def run(items: int = 20_000, math_items_n: int = 200, rounds: int = 3) -> dict[s
             [
                 sys.executable,
                 "-m",
-                "axpo.cli",
+                "axpo.cli.main",
                 "serve",
                 "verifier",
                 "--port",

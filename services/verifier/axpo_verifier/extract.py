@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from axpo.chat import split_thinking
+from axpo.contracts.chat import split_thinking
 
 __all__ = [
     "Extraction",
@@ -71,7 +71,8 @@ def clean_text(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- tool blocks
-# (thinking is split by axpo.chat.split_thinking, shared with the rollout's tool-call parser)
+# (thinking is split by axpo.contracts.chat.split_thinking, shared with the rollout's
+# tool-call parser)
 
 _BLOCKS = (("<tool_call>", "</tool_call>"), ("<tool_response>", "</tool_response>"))
 _SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")

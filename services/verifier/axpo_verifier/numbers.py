@@ -1,6 +1,10 @@
 """Read one number out of an answer such as ``"$1,234.5"``, ``"45%"``, ``"\\dfrac{3}{4}"`` or
 ``"forty-two apples"``.
 
+Hand-written because math-verify (used for LaTeX math in :mod:`axpo_verifier.mathcheck`) reads
+these answers differently (math-verify 0.9.0: ``"forty-two"``/``"a dozen"`` -> nothing,
+``"3 to 5"`` -> 5 where an ambiguous answer must fail, ``"1 1/2"`` -> 1, ``"45%"`` -> 0.45).
+
 Rules (all linear-time: bounded regexes and single scans, no ``eval``):
 
 * **One number.** The text must hold exactly one numeric literal; words around it (units,

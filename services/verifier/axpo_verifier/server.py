@@ -11,11 +11,11 @@ from pathlib import Path
 
 import grpc
 
-from axpo import convert
-from axpo.config import VerifierSettings
-from axpo.domain import Reward, ScoreItem
-from axpo.logs import configure_logging, get_logger
+from axpo.contracts import convert
+from axpo.contracts.domain import Reward, ScoreItem
 from axpo.rpc.server import RunningServer, ServiceRegistration, serve_forever, start_server
+from axpo.settings.verifier import VerifierSettings
+from axpo.telemetry.logs import configure_logging, get_logger
 from axpo.v1 import verifier_pb2, verifier_pb2_grpc
 from axpo_verifier.verifier import Verifier
 

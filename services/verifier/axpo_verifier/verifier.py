@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from axpo.config import VerifierSettings
-from axpo.domain import AnswerKind, Reward, RewardWeights, ScoreItem
+from axpo.contracts.domain import AnswerKind, Reward, RewardWeights, ScoreItem
+from axpo.settings.verifier import VerifierSettings
 from axpo_verifier.checkers import Verdict, check_choice, check_number, check_text
 from axpo_verifier.extract import Extraction, extract_answer
 from axpo_verifier.formatting import format_score

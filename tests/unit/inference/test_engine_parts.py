@@ -6,18 +6,19 @@ from __future__ import annotations
 import json
 import math
 import struct
+from pathlib import Path
 
 import pytest
 
-from axpo_inference.engine import (
+from axpo_inference.checkpoint import (
     TensorSpec,
     WeightStreamAssembler,
     check_weights,
-    image_tokens,
     read_safetensors_specs,
 )
 from axpo_inference.entropy import topk_entropy
 from axpo_inference.errors import InvalidRequestError
+from axpo_inference.images import image_tokens
 
 
 def _entropy(probs: list[float]) -> float:
@@ -119,3 +120,13 @@ def test_stream_assembler_refuses_incomplete_streams() -> None:
     asm.add("b", "float32", [4], 0, b"0" * 16, 16)
     with pytest.raises(InvalidRequestError, match="tensor_count"):
         asm.finish()
+
+
+def test_read_safetensors_specs_refuses_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match=r"no \*\.safetensors files"):
+        read_safetensors_specs(tmp_path)
+    bad = tmp_path / "model.safetensors"
+    for raw in (b"hello", struct.pack("<Q", 200 << 20) + b"{}", struct.pack("<Q", 5) + b"nojs!"):
+        bad.write_bytes(raw)
+        with pytest.raises(InvalidRequestError, match="is not a readable safetensors file"):
+            read_safetensors_specs(tmp_path)

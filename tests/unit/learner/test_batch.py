@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axpo.config import AlgorithmSpec
-from axpo.domain import Group, Reward, Trajectory
+from axpo.contracts.domain import Group, Reward, Trajectory
+from axpo.settings.job import AlgorithmSpec
 from axpo_learner.batch import Row, collate, expand_placeholders, pack, rows_from_groups
 
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from axpo.chat import ToolResponse, render_tool_call, render_tool_responses
-from axpo.config import AlgorithmSpec, LearnerSettings
-from axpo.domain import Group, Image, Reward, Trajectory
-from axpo.tiny_model import build_tiny_model
+from axpo.contracts.chat import ToolResponse, render_tool_call, render_tool_responses
+from axpo.contracts.domain import Group, Image, Reward, Trajectory
+from axpo.settings.job import AlgorithmSpec
+from axpo.settings.learner import LearnerSettings
+from axpo.study.tiny_model import build_tiny_model
 from axpo_learner.batch import ImageEncoder, collate, rows_from_groups
 from axpo_learner.trainer import Trainer, load_policy, token_logprobs
 

@@ -10,8 +10,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from axpo.config import SearchSettings
-from axpo.domain import ToolErrorKind
+from axpo.contracts.domain import ToolErrorKind
+from axpo.settings.tools import SearchSettings
 from axpo_tools import knowledge
 from axpo_tools.errors import ToolFailure
 from axpo_tools.search import SearchTool

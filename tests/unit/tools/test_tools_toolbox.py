@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from axpo.config import PythonToolSettings, ToolsSettings
-from axpo.domain import ToolCall, ToolErrorKind
+from axpo.contracts.domain import ToolCall, ToolErrorKind
+from axpo.settings.tools import PythonToolSettings, ToolsSettings
 from axpo_tools.toolbox import Toolbox
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 from PIL import Image as PILImage
 
-from axpo.config import ZoomSettings
-from axpo.domain import Image, ToolErrorKind
+from axpo.contracts.domain import Image, ToolErrorKind
+from axpo.settings.tools import ZoomSettings
 from axpo_tools.errors import ToolFailure
 from axpo_tools.zoom import ZoomTool, output_size
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from axpo.config import VerifierSettings
+from axpo.settings.verifier import VerifierSettings
 from axpo_verifier.verifier import Verifier
 
 # Short, so the hostile tests that must hit the limit stay quick.

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from axpo.config import VerifierSettings
-from axpo.domain import AnswerKind, Reward, RewardWeights, ScoreItem
+from axpo.contracts.domain import AnswerKind, Reward, RewardWeights, ScoreItem
+from axpo.settings.verifier import VerifierSettings
 from axpo_verifier.verifier import EXTRACTED_MAX_CHARS, Verifier
 
 SLACK_S = 3.0

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from axpo.domain import ToolErrorKind
+from axpo.contracts.domain import ToolErrorKind
 
 __all__ = ["RunResult", "SandboxLimits", "SandboxUnavailableError"]
 

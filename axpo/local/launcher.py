@@ -1,0 +1,309 @@
+"""``axpo run CONFIG``: the whole system as local processes on one machine.
+
+What it does, in order:
+
+1. Validates the job spec and makes the run folder (``runs/<job>-<time>`` unless given):
+   ``config.yaml`` (the spec as run), ``logs/<process>.log``, ``ports/``.
+2. Prepares the model when the spec asks (``run.prepare_model``: build the tiny checkpoint,
+   warm-start it) and the directory does not exist yet; later runs reuse it.
+3. Starts a private Redis (``axpo.queue.redis_server``, AOF in the run folder), then the verifier,
+   tool and inference services, then the learner and ``run.rollout_workers`` rollout
+   workers: each is ``axpo serve <service>`` with ``--port 0 --port-file`` and its settings
+   in ``AXPO_<SERVICE>_*`` environment variables, the same entry points the containers use.
+   It waits for each to write its port and answer gRPC health SERVING.
+4. Feeds questions (``axpo.study.tasks.task_data``) onto the prompts stream, keeping
+   ``max_prompt_backlog`` ahead of the workers, and shows live progress from the learner's
+   ``metrics.jsonl`` (step, reward, accuracy, tool-call rate, all-wrong rate, ETA).
+5. When the learner exits after ``steps`` steps: stops the workers and services (SIGTERM,
+   then SIGKILL after a grace period), stops Redis, writes ``report.md`` with plots.
+
+Ctrl-C (SIGINT) or SIGTERM at any point stops every process the same way and exits 130/143;
+children also get SIGKILL from the kernel if the launcher itself dies (``PR_SET_PDEATHSIG``),
+so no process outlives a run. A child that exits early fails the run with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from axpo.local.processes import Child, Interrupted, Processes, RunError, settings_env
+from axpo.local.progress import Progress
+from axpo.settings.job import JobSpec
+
+
+@dataclass
+class Launcher:
+    """Runs one job on this machine (see the module docstring); its processes are
+    :attr:`procs`."""
+
+    spec: JobSpec
+    spec_path: Path
+    run_dir: Path
+    python: str = sys.executable
+    out: IO[str] = field(default_factory=lambda: sys.stderr)
+    procs: Processes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.run_dir.resolve()
+        self.procs = Processes(self.run_dir, python=self.python, out=self.out)
+
+    def run(self, progress: bool = True) -> dict[str, Any]:
+        spec = self.spec
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        )
+        model = Path(spec.model)
+        self._prepare_model(model)
+        from axpo.queue import TrajectoryQueue, connect
+        from axpo.queue.redis_server import RedisServerError
+        from axpo.settings.queue import QueueSettings
+
+        # Absolute: redis-server resolves its dir from its own working directory.
+        queue_settings = QueueSettings(embedded_dir=str((self.run_dir / "redis").resolve()))
+        try:
+            client, self.procs.redis = connect(queue_settings)
+        except RedisServerError as exc:
+            raise RunError(str(exc)) from exc
+        redis_url = self.procs.redis.url if self.procs.redis is not None else ""
+        queue_env = {"redis_url": redis_url}
+        queue = TrajectoryQueue(client, spec.name, QueueSettings(redis_url=redis_url))
+        queue.ensure()
+        started = time.monotonic()
+        self.procs.say(f"run folder {self.run_dir}")
+        self.procs.say("starting verifier, tools, inference ...")
+        verifier = self.procs.start("verifier", "verifier", {})
+        tools = self.procs.start("tools", "tools", settings_env("AXPO_TOOLS_", spec.run.tools))
+        inference = self.procs.start(
+            "inference",
+            "inference",
+            {
+                **settings_env("AXPO_INFERENCE_", spec.run.inference),
+                "AXPO_INFERENCE_MODEL": str(model.resolve()),
+                "AXPO_INFERENCE_SEED": str(spec.seed),
+            },
+        )
+        self.procs.wait_ready([verifier, tools, inference], spec.run.startup_timeout_s)
+
+        def target(child: Child, deadline_s: float) -> dict[str, Any]:
+            return {"target": f"127.0.0.1:{child.port}", "deadline_s": deadline_s}
+
+        metrics_path = self.run_dir / "metrics.jsonl"
+        learner_values: dict[str, Any] = {
+            "model": str(model.resolve()),
+            "job_spec": str(self.spec_path.resolve()),
+            "queue": queue_env,
+            "checkpoint_dir": str(self.run_dir / "checkpoints"),
+            "publish_dir": str(self.run_dir / "publish"),
+            "inference_targets": [target(inference, 600.0)],
+            "metrics_path": str(metrics_path),
+            "temperature": spec.rollout.temperature,
+            "seed": spec.seed,
+            "checkpoint_every": 1,
+            **spec.run.learner,
+        }
+        # The learner acknowledges groups only at a checkpoint, and unacknowledged groups count
+        # against the producers' backlog: the backlog must hold the groups of the steps between
+        # checkpoints plus the next step, or the workers block and the learner waits forever.
+        # Two steps ahead of the learner also bounds the policy lag of what is queued.
+        every = int(learner_values["checkpoint_every"])
+        backlog = spec.questions_per_step * (every + 2)
+        learner_values["queue"] = {**queue_env, "max_backlog": backlog}
+        self.procs.say("starting learner and rollout workers ...")
+        learner = self.procs.start(
+            "learner", "learner", settings_env("AXPO_LEARNER_", learner_values)
+        )
+        workers = []
+        for i in range(spec.run.rollout_workers):
+            values = {
+                "job_spec": str(self.spec_path.resolve()),
+                "tokenizer": str(model.resolve()),
+                "queue": {**queue_env, "max_backlog": backlog},
+                "inference": target(inference, 600.0),
+                "tools": target(tools, 120.0),
+                "verifier": target(verifier, 120.0),
+                "consumer": f"rollout-{i}",
+            }
+            workers.append(
+                self.procs.start(f"rollout-{i}", "rollout", settings_env("AXPO_ROLLOUT_", values))
+            )
+        self.procs.wait_ready([learner, *workers], spec.run.startup_timeout_s)
+        ready_s = time.monotonic() - started
+        self.procs.say(f"all services ready in {ready_s:.0f} s; training {spec.steps} steps")
+        records = self._train(queue, learner, metrics_path, progress)
+        self.procs.stop_all()
+        client.close()
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": len(records),
+            "startup_s": round(ready_s, 1),
+            "wall_s": round(time.monotonic() - started, 1),
+            "metrics": str(metrics_path),
+        }
+        summary["report"] = str(self._report())
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _prepare_model(self, model: Path) -> None:
+        how = self.spec.run.prepare_model
+        if model.is_dir():
+            return
+        if how == "none":
+            raise RunError(f"model {model}: not a directory (set run.prepare_model to build one)")
+        self.procs.say(f"building the tiny model at {model} ...")
+        base = model if how == "tiny" else model.with_name(model.name + "-base")
+        if not base.is_dir():
+            _check_call([self.python, "-m", "axpo", "model", "tiny", "--out", str(base)])
+        if how == "tiny-warm-start":
+            self.procs.say(f"warm-starting it ({self.spec.run.warm_start_steps} steps) ...")
+            tmp = model.with_name(model.name + ".partial")
+            _check_call(
+                [
+                    self.python,
+                    "-m",
+                    "axpo",
+                    "model",
+                    "warm-start",
+                    "--model",
+                    str(base),
+                    "--out",
+                    str(tmp),
+                    "--steps",
+                    str(self.spec.run.warm_start_steps),
+                    "--image-size",
+                    str(self.spec.tasks.image_size),
+                    "--seed",
+                    str(self.spec.seed),
+                ]
+            )
+            tmp.rename(model)  # complete or absent
+
+    def _train(
+        self, queue: Any, learner: Child, metrics_path: Path, progress: bool
+    ) -> list[dict[str, Any]]:
+        from axpo.queue import PromptTask
+        from axpo.study.tasks import task_data
+
+        spec = self.spec
+        backlog = spec.run.max_prompt_backlog or 2 * spec.questions_per_step
+        fed = 0
+        records: list[dict[str, Any]] = []
+        show = Progress(spec, self.out, enabled=progress)
+        try:
+            while True:
+                c = queue.counters()
+                outstanding = c.prompts_produced - c.prompts_done - c.prompts_dead_lettered
+                if outstanding < backlog:
+                    tasks = [
+                        PromptTask(
+                            task_id=f"q{fed + i}",
+                            question_id=f"q{(fed + i) % spec.tasks.count}",
+                            data=task_data(spec.tasks, fed + i),
+                        )
+                        for i in range(backlog - outstanding)
+                    ]
+                    queue.put_prompts(tasks)
+                    fed += len(tasks)
+                records = self._new_records(metrics_path, records, show)
+                rc = learner.proc.poll()
+                if rc is not None:
+                    records = self._new_records(metrics_path, records, show)
+                    if rc != 0 and len(records) >= spec.steps:
+                        # Every step is trained, checkpointed and recorded; a crash while the
+                        # interpreter tears down must not throw the run away, but is reported.
+                        self.procs.say(
+                            f"warning: the learner exited with code {rc} after its last step; "
+                            f"see {learner.log_path}"
+                        )
+                    elif rc != 0 or len(records) < spec.steps:
+                        raise RunError(
+                            f"learner exited with code {rc} after {len(records)} of "
+                            f"{spec.steps} steps; last lines of {learner.log_path}:\n"
+                            + learner.log_tail()
+                        )
+                    return records
+                others = [c for c in self.procs.children if c is not learner]
+                for child in others:
+                    if child.proc.poll() is not None:
+                        raise RunError(
+                            f"{child.name} exited with code {child.proc.returncode}; last "
+                            f"lines of {child.log_path}:\n{child.log_tail()}"
+                        )
+                time.sleep(0.5)
+        finally:
+            show.close()
+
+    @staticmethod
+    def _new_records(
+        path: Path, seen: list[dict[str, Any]], show: Progress
+    ) -> list[dict[str, Any]]:
+        """The learner's records so far (``axpo.study.report.load_metrics``: a torn last line is
+        skipped); each new one goes to the progress display."""
+        from axpo.study.report import load_metrics
+
+        if not path.exists():
+            return seen
+        records = load_metrics(path)
+        for record in records[len(seen) :]:
+            show.update(record)
+        return records
+
+    def _report(self) -> Path:
+        from axpo.study.report import write_report
+
+        return write_report(
+            self.run_dir,
+            title=f"axpo run: {self.spec.name} ({self.spec.algorithm.name})",
+            config_text=self.spec_path.read_text(),
+        )
+
+
+def _check_call(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RunError(f"{' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def run(
+    spec_path: Path,
+    *,
+    run_dir: Path | None = None,
+    progress: bool = True,
+    out: IO[str] | None = None,
+) -> dict[str, Any]:
+    """Run the job in ``spec_path`` (see the module docstring); returns the summary.
+    SIGINT/SIGTERM raise :class:`Interrupted` after every process is stopped."""
+    from axpo.settings.job import load_job_spec
+
+    spec = load_job_spec(spec_path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = run_dir or Path("runs") / f"{spec.name}-{stamp}"
+    launcher = Launcher(spec, spec_path, run_dir, out=out or sys.stderr)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return launcher.run(progress=progress)
+    except Interrupted:
+        launcher.procs.say("interrupted: stopping every process ...")
+        raise
+    finally:
+        # Signals during the shutdown must not cut it short.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            launcher.procs.stop_all()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

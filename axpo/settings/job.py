@@ -1,0 +1,217 @@
+"""The YAML job spec (``configs/*.yaml``): what to train, how to sample and score, and how
+``axpo run`` lays out its local processes; :func:`load_job_spec` reads and validates one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from axpo.contracts.domain import RewardWeights
+from axpo.settings.base import MODEL_CONFIG, format_validation_error
+from axpo.settings.inference import InferenceSettings
+from axpo.settings.learner import LearnerSettings
+from axpo.settings.tools import ToolsSettings
+
+
+class AlgorithmSpec(BaseModel):
+    """GRPO or AXPO and their knobs (docs/algorithm.md, "Knobs")."""
+
+    model_config = MODEL_CONFIG
+
+    name: Literal["grpo", "axpo"] = "axpo"
+    """``grpo``: plain group sampling; ``axpo``: plus tool-call resampling of all-wrong tool
+    subgroups from frozen thinking prefixes."""
+    group_size: Annotated[int, Field(ge=2, le=256)] = 8
+    """Rollouts per question (G)."""
+    tool_call_anchor: Literal["first", "any"] = "first"
+    """Which tool call ends a candidate thinking prefix."""
+    uncertainty: Literal["mean_entropy", "first_token_entropy", "neg_mean_logprob"] = "mean_entropy"
+    """Uncertainty score of a candidate prefix, measured on the original tool-call tokens."""
+    rho: Annotated[float, Field(gt=0, le=1)] = 0.25
+    """Fraction of candidate prefixes kept (at least one)."""
+    resamples_per_prefix: Annotated[int, Field(ge=1)] | None = None
+    """K; unset means the budget K * kept = group_size / 2."""
+    advantage_grouping: Literal["union", "per_prefix"] = "union"
+    """Normalize advantages over the group plus resamples, or per shared prefix."""
+    mask_frozen_prefix: bool = True
+    """Exclude the frozen prefix of resampled rollouts from the loss."""
+    speculative_resampling: bool = False
+    """Start AXPO's resamples as soon as the first turns are sampled (they depend only on the
+    frozen prefixes, known then), while the original rollouts still run, and keep them only
+    if the condition holds once those are scored; cancel them as soon as a tool user is
+    correct. Same samples, shorter group latency, some discarded work: worth it when the
+    engine has spare batch capacity and answers after a tool call are long; on the 2-core CPU
+    bench it saved nothing (README). Applies with ``tool_call_anchor: first``; false:
+    resample after scoring, in sequence."""
+
+
+class RewardSpec(BaseModel):
+    """Reward composition for the job."""
+
+    model_config = MODEL_CONFIG
+
+    accuracy: Annotated[float, Field(ge=0)] = 1.0
+    """Weight of correctness (0 or 1)."""
+    format: Annotated[float, Field(ge=0)] = 0.1
+    """Weight of the format score (well-formed think/answer/tool-call structure)."""
+    tool_bonus: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the bonus for a correct answer reached with at least one tool call."""
+
+    def weights(self) -> RewardWeights:
+        return RewardWeights(accuracy=self.accuracy, format=self.format, tool_bonus=self.tool_bonus)
+
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful visual assistant. Think inside <think></think>, call a tool when the "
+    "image is too small to read, and give the final answer as <answer>X</answer>."
+)
+
+
+class TaskSpec(BaseModel):
+    """The questions a job trains on (``axpo.study.tasks``: procedurally generated, seeded)."""
+
+    model_config = MODEL_CONFIG
+
+    family: Literal["zoom_digits"] = "zoom_digits"
+    """Task family. ``zoom_digits``: an image with a small boxed number among distractors;
+    which choice is the number? Zooming into the box makes it legible."""
+    count: Annotated[int, Field(ge=1)] = 256
+    """Questions in the training set (seeds ``seed .. seed+count-1``), cycled in order."""
+    seed: int = 0
+    """First task seed."""
+    image_size: Annotated[int, Field(ge=64, le=4096)] = 256
+    """Side of the square question image in pixels (a multiple of 32 avoids resizing)."""
+
+
+class RolloutSpec(BaseModel):
+    """How one rollout is sampled: the agent loop's limits and the sampling parameters."""
+
+    model_config = MODEL_CONFIG
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """System text before the tool schemas."""
+    tools: list[str] = ["image_zoom_in_tool"]
+    """Names of the tools offered to the model (the tool server's names); empty: no tools."""
+    max_turns: Annotated[int, Field(ge=1)] = 4
+    """Assistant turns per rollout (each tool call ends a turn)."""
+    max_new_tokens: Annotated[int, Field(ge=1)] = 512
+    """Tokens one assistant turn may generate."""
+    max_total_tokens: Annotated[int, Field(ge=16)] = 4096
+    """Whole-trajectory budget (prompt, turns, tool responses); a rollout reaching it is
+    truncated and scored as it stands."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Sampling temperature (the learner divides its logits by the same value)."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Nucleus sampling; 1 turns it off."""
+    top_k: Annotated[int, Field(ge=0)] = 0
+    """Top-k sampling; 0 turns it off."""
+    tool_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """Deadline of one tool call."""
+    inflight_questions: Annotated[int, Field(ge=1)] = 4
+    """Questions one rollout worker samples at once (their generations batch in vLLM). A group
+    waiting only on its AXPO resamples gives its place to the next question (see
+    ``resampling_questions``)."""
+    resampling_questions: Annotated[int, Field(ge=0)] | None = None
+    """Groups that may wait on their AXPO resamples on top of ``inflight_questions`` (their
+    resumes batch with the new questions' generations, so resampling does not stall the
+    worker). Unset: as many as ``inflight_questions``; 0: a group keeps its place until done."""
+
+    def resampling_slots(self) -> int:
+        return (
+            self.inflight_questions
+            if self.resampling_questions is None
+            else self.resampling_questions
+        )
+
+
+class RunSpec(BaseModel):
+    """``axpo run``: the local processes and their settings (environment-style overrides)."""
+
+    model_config = MODEL_CONFIG
+
+    rollout_workers: Annotated[int, Field(ge=1)] = 1
+    """Rollout worker processes."""
+    inference: dict[str, Any] = {}
+    """``InferenceSettings`` fields for the inference service (e.g. ``kv_cache_gib``)."""
+    tools: dict[str, Any] = {}
+    """``ToolsSettings`` fields for the tool server (e.g. ``zoom: {min_pixels: 4096}``)."""
+    learner: dict[str, Any] = {}
+    """``LearnerSettings`` fields for the learner (e.g. ``lr``, ``micro_batch_tokens``)."""
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    """How long the services may take to become healthy."""
+    prepare_model: Literal["none", "tiny", "tiny-warm-start"] = "none"
+    """When ``model`` is a directory that does not exist yet: ``tiny`` builds the tiny random
+    checkpoint there (``axpo model tiny``), ``tiny-warm-start`` also gives it a short
+    supervised warm start on the job's tasks (``axpo model warm-start``); ``none`` fails."""
+    warm_start_steps: Annotated[int, Field(ge=1)] = 200
+    """Optimizer steps of the warm start (``prepare_model: tiny-warm-start``)."""
+    max_prompt_backlog: Annotated[int, Field(ge=1)] | None = None
+    """Questions queued ahead of the rollout workers; unset: two steps' worth."""
+
+    @model_validator(mode="after")
+    def _check_serviceservice_settings(self) -> RunSpec:
+        # Fail at `axpo job check` time, naming the service, not minutes later in a subprocess.
+        for name, cls in (
+            ("inference", InferenceSettings),
+            ("tools", ToolsSettings),
+            ("learner", LearnerSettings),
+        ):
+            try:
+                cls.model_validate(getattr(self, name))
+            except ValidationError as exc:
+                raise ValueError(f"run.{name}:\n{format_validation_error(exc)}") from None
+        return self
+
+
+class JobSpec(BaseModel):
+    """A training job, as written in a YAML file under configs/."""
+
+    model_config = MODEL_CONFIG
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    """Job name: letters, digits, ``.``, ``_``, ``-``."""
+    model: Annotated[str, Field(min_length=1)]
+    """Model checkpoint: a local directory or a hub name."""
+    algorithm: AlgorithmSpec = AlgorithmSpec()
+    """Policy-optimization algorithm."""
+    reward: RewardSpec = RewardSpec()
+    """Reward composition."""
+    steps: Annotated[int, Field(ge=1)] = 100
+    """Optimizer steps to run."""
+    questions_per_step: Annotated[int, Field(ge=1)] = 16
+    """Questions (groups) per optimizer step."""
+    seed: int = 0
+    """Seed for task sampling, rollouts and the learner."""
+    tasks: TaskSpec = TaskSpec()
+    """Where the questions come from."""
+    rollout: RolloutSpec = RolloutSpec()
+    """The agent loop and its sampling."""
+    run: RunSpec = RunSpec()
+    """Local processes for ``axpo run``."""
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot be used; the message names the file and every bad field."""
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML job spec.
+
+    Raises JobSpecError with one line per problem, each naming the field's dotted path.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise JobSpecError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise JobSpecError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise JobSpecError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise JobSpecError(f"{path}: invalid job spec:\n" + format_validation_error(exc)) from exc

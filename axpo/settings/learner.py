@@ -1,0 +1,117 @@
+"""Settings of the learner (``axpo serve learner``, ``AXPO_LEARNER_*``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from axpo.settings.base import (
+    LogSettings,
+    RpcClientSettings,
+    RpcServerSettings,
+    service_settings,
+)
+from axpo.settings.queue import QueueSettings
+
+
+class LearnerSettings(BaseSettings):
+    """The learner (``axpo serve learner``): consumes groups, trains, publishes weights."""
+
+    model_config = service_settings("AXPO_LEARNER_")
+
+    rpc: RpcServerSettings = RpcServerSettings(port=50054)
+    """Where the LearnerService (status) listens."""
+    log: LogSettings = LogSettings()
+    """Logging."""
+    model: str = ""
+    """Checkpoint directory or hub name of the initial policy (the serving replicas' model)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter and compute dtype (optimizer states follow the parameters)."""
+    lr: Annotated[float, Field(gt=0)] = 1e-6
+    """AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    """AdamW epsilon."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Linear learning-rate warmup over this many optimizer steps (then constant)."""
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+    micro_batch_tokens: Annotated[int, Field(ge=1)] = 8192
+    """Token budget of one micro-batch (padded tokens count); a longer sequence gets a
+    micro-batch of its own. Gradients accumulate over the micro-batches of a step."""
+    clip_low: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    """Lower clip range: the ratio is clipped at ``1 - clip_low``."""
+    clip_high: Annotated[float, Field(ge=0)] = 0.2
+    """Upper clip range: the ratio is clipped at ``1 + clip_high`` (DAPO clip-higher: 0.28)."""
+    loss_aggregation: Literal["token", "sequence", "dr_grpo"] = "token"
+    """``token``: mean over all loss tokens of the step (DAPO); ``sequence``: mean of
+    per-sequence means (GRPO); ``dr_grpo``: sum over a constant ``n_seq * dr_grpo_length``."""
+    dr_grpo_length: Annotated[int, Field(ge=1)] | None = None
+    """``dr_grpo`` constant length (the generation budget); unset: the longest sequence."""
+    scale_advantages_by_std: bool = True
+    """Divide group-centred rewards by their std (GRPO); off for Dr.GRPO."""
+    advantage_std_floor: Annotated[float, Field(gt=0)] = 1e-6
+    """Smallest std advantages are divided by."""
+    kl_coef: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the k3 KL to the initial (reference) policy; 0 turns it off (no reference
+    model is kept)."""
+    behavior_logprobs: Literal["rollout", "learner"] = "rollout"
+    """Old logprobs of the ratio: ``rollout`` (the inference engine's, a true importance ratio
+    under policy lag) or ``learner`` (recomputed before the update: ratio 1 on the first pass)."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Sampling temperature of the rollouts; learner logits are divided by it so logprobs
+    compare with the engine's processed logprobs."""
+    checkpoint_dir: str = ""
+    """Directory of the learner's checkpoints (``step-<n>`` subdirectories); empty: none."""
+    checkpoint_every: Annotated[int, Field(ge=1)] = 10
+    """Checkpoint every this many optimizer steps."""
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+    publish_every: Annotated[int, Field(ge=1)] = 1
+    """Publish new weights to the inference replicas every this many optimizer steps."""
+    publish_transport: Literal["path", "stream"] = "path"
+    """``path``: safetensors in ``publish_dir`` plus LoadWeights; ``stream``: LoadWeightsStream
+    chunks over gRPC (replicas without a shared volume)."""
+    publish_dir: str = ""
+    """Shared directory (tmpfs or shared volume) the ``path`` transport writes to."""
+    publish_chunk_bytes: Annotated[int, Field(ge=1024)] = 4 << 20
+    """Largest tensor chunk the ``stream`` transport sends."""
+    inference_targets: list[RpcClientSettings] = []
+    """Inference replicas new weights go to (each confirms the version)."""
+    max_policy_lag: Annotated[int, Field(ge=0)] = 4
+    """Groups older than the current policy by more than this many versions are dropped
+    (``axpo serve learner`` copies it into ``queue.max_policy_lag``)."""
+    seed: int = 0
+    """Seed of torch, Python and NumPy random streams of the learner."""
+    job_id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "default"
+    """Job whose groups stream the learner consumes (a job spec's ``name``)."""
+    job_spec: str = ""
+    """YAML job spec; when given, its ``name``, ``steps``, ``questions_per_step`` and
+    ``algorithm`` replace ``job_id``, ``max_steps``, ``questions_per_step`` and the default
+    algorithm."""
+    queue: QueueSettings = QueueSettings()
+    """The trajectory queue (Redis) the groups come from."""
+    consumer: Annotated[str, Field(min_length=1)] = "learner-0"
+    """Consumer name in the groups stream's consumer group. Keep it stable across restarts:
+    entries taken but not acknowledged before a crash are redelivered to the same name."""
+    questions_per_step: Annotated[int, Field(ge=1)] = 16
+    """Groups (questions) per optimizer step."""
+    max_steps: Annotated[int, Field(ge=0)] = 0
+    """Stop after this many optimizer steps (counted across restarts); 0: run until stopped."""
+    step_timeout_s: Annotated[float, Field(ge=0)] = 0.0
+    """Once a step's first group has arrived, train on what has arrived after this many
+    seconds (a partial step); 0: always wait for ``questions_per_step`` groups."""
+    metrics_path: str = ""
+    """JSON-lines file the learner appends one record per optimizer step to (the step's
+    diagnostics, loss metrics and time split); empty: none."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Port of the learner's Prometheus ``/metrics`` with the latest step's values (0 picks
+    one); unset: none."""
+    redis_retry_s: Annotated[float, Field(gt=0)] = 120.0
+    """How long the loop retries a Redis that does not answer (restarting, unreachable) before
+    it gives up with an error."""

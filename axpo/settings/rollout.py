@@ -1,0 +1,47 @@
+"""Settings of a rollout worker (``axpo serve rollout``, ``AXPO_ROLLOUT_*``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from axpo.settings.base import (
+    LogSettings,
+    RpcClientSettings,
+    RpcServerSettings,
+    service_settings,
+)
+from axpo.settings.queue import QueueSettings
+
+
+class RolloutSettings(BaseSettings):
+    """A rollout worker (``axpo serve rollout``): takes questions from the prompts stream, runs
+    the agent loop against the inference, tool and verifier services, puts scored groups."""
+
+    model_config = service_settings("AXPO_ROLLOUT_")
+
+    rpc: RpcServerSettings = RpcServerSettings(port=50055, max_workers=4)
+    """Where the worker's health endpoint listens."""
+    log: LogSettings = LogSettings()
+    """Logging."""
+    job_spec: str = ""
+    """YAML job spec (required): its ``name`` is the job, ``algorithm`` and ``rollout`` say
+    how groups are sampled, ``reward`` how they are scored."""
+    tokenizer: str = ""
+    """Checkpoint directory whose ``tokenizer.json`` the loop uses; unset: the job's model."""
+    inference: RpcClientSettings = RpcClientSettings(target="127.0.0.1:50051", deadline_s=600.0)
+    """The inference service (deadline covers one whole generation)."""
+    tools: RpcClientSettings = RpcClientSettings(target="127.0.0.1:50052", deadline_s=60.0)
+    """The tool server."""
+    verifier: RpcClientSettings = RpcClientSettings(target="127.0.0.1:50053", deadline_s=60.0)
+    """The reward verifier."""
+    queue: QueueSettings = QueueSettings()
+    """The trajectory queue (Redis): prompts in, groups out."""
+    consumer: Annotated[str, Field(min_length=1)] = "rollout-0"
+    """Consumer name on the prompts stream; keep it stable across restarts of this worker."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Port of the worker's Prometheus ``/metrics`` (0 picks one); unset: none."""
+    health_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    """How long the worker waits for its services to become healthy at start."""
