@@ -1,8 +1,9 @@
 """``axpo bench rollout``: the agent loop's wall time per batch of questions, GRPO against AXPO.
 
 The verifier, tool and inference services run as subprocesses (``axpo serve ...`` through
-:class:`axpo.launcher.Launcher`, with the ``run:`` settings of ``configs/tiny-cpu-axpo.yaml``:
-tools zoom 4096..16384 pixels and python off, inference ``max_model_len`` 2048). The loop runs
+:class:`axpo.local.processes.Processes`, with the ``run:`` settings of
+``configs/tiny-cpu-axpo.yaml``: tools zoom 4096..16384 pixels and python off, inference
+``max_model_len`` 2048). The loop runs
 in this process over gRPC (:class:`~axpo_rollout.clients.GrpcBackend`), as a rollout worker
 does, minus the queue.
 
@@ -32,16 +33,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from axpo.config import JobSpec, RpcClientSettings, load_job_spec
-from axpo.diagnostics import model_tokens
-from axpo.domain import (
+from axpo.algorithm.diagnostics import model_tokens
+from axpo.contracts.domain import (
     Group,
     Image,
     Reward,
@@ -54,8 +55,10 @@ from axpo.domain import (
     ToolResult,
     Trajectory,
 )
-from axpo.launcher import Launcher, settings_env
-from axpo.tasks import Task, generate_task
+from axpo.local.processes import Processes, settings_env
+from axpo.settings.base import RpcClientSettings
+from axpo.settings.job import JobSpec, load_job_spec
+from axpo.study.tasks import Task, generate_task
 from axpo_rollout.agent import AgentLoop, Backend, CancelToken, Vocab
 from axpo_rollout.worker import QuestionSlots
 
@@ -88,7 +91,7 @@ DEFINITIONS = {
     "trajectories_per_s": "GRPO trajectories (questions x group_size) / grpo_step_s",
     "axpo_trajectories_per_s": "AXPO trajectories (originals + resampled) / axpo_step_s",
     "tool_call_rate": "share of GRPO's original rollouts with >= 1 tool call (malformed calls "
-    "included, as in axpo.diagnostics)",
+    "included, as in axpo.algorithm.diagnostics)",
     "resampled_groups_share": "share of AXPO's timed groups that got >= 1 resampled rollout",
     "loop_overhead_share": "mean over the timed groups of both loops of 1 - (wall time during "
     "which at least one service call of the group was in flight) / group wall time: the "
@@ -135,6 +138,15 @@ class _TimedBackend:
         self.inner = inner
         self.calls = calls
 
+    @contextmanager
+    def _in_flight(self, key: Callable[[], str | None]) -> Iterator[None]:
+        """Record the call's interval under ``key()`` (looked up once the call is over)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.calls.add(key(), t0, time.perf_counter())
+
     def generate(
         self,
         prompt: Sequence[int],
@@ -143,11 +155,8 @@ class _TimedBackend:
         *,
         cancel: CancelToken | None = None,
     ) -> list[Sample]:
-        t0 = time.perf_counter()
-        try:
+        with self._in_flight(lambda: self.calls.key_for(images)):
             return self.inner.generate(prompt, images, sampling, cancel=cancel)
-        finally:
-            self.calls.add(self.calls.key_for(images), t0, time.perf_counter())
 
     def resume(
         self,
@@ -158,25 +167,16 @@ class _TimedBackend:
         *,
         cancel: CancelToken | None = None,
     ) -> list[Sample]:
-        t0 = time.perf_counter()
-        try:
+        with self._in_flight(lambda: self.calls.key_for(images)):
             return self.inner.resume(prompt, prefix, images, sampling, cancel=cancel)
-        finally:
-            self.calls.add(self.calls.key_for(images), t0, time.perf_counter())
 
     def call_tool(self, call: ToolCall, images: Sequence[Image], timeout_s: float) -> ToolResult:
-        t0 = time.perf_counter()
-        try:
+        with self._in_flight(lambda: self.calls.key_for(images)):
             return self.inner.call_tool(call, images, timeout_s)
-        finally:
-            self.calls.add(self.calls.key_for(images), t0, time.perf_counter())
 
     def score(self, items: Sequence[ScoreItem], weights: RewardWeights) -> list[Reward]:
-        t0 = time.perf_counter()
-        try:
+        with self._in_flight(lambda: getattr(self.calls.local, "key", None)):
             return self.inner.score(items, weights)
-        finally:
-            self.calls.add(getattr(self.calls.local, "key", None), t0, time.perf_counter())
 
 
 def _union_s(intervals: Sequence[tuple[float, float]], lo: float, hi: float) -> float:
@@ -301,16 +301,16 @@ def run(
             model = warm.resolve()
             model_name = f"tiny Qwen3-VL, warm-started ({spec.model})"
         else:
-            from axpo.tiny_model import build_tiny_model
+            from axpo.study.tiny_model import build_tiny_model
 
             model = build_tiny_model(run_dir / "tiny", seed=0)
             model_name = "tiny Qwen3-VL, random init (axpo model tiny, seed 0; no warm start found)"
-        launcher = Launcher(spec, config, run_dir, out=sys.stderr)
+        procs = Processes(run_dir.resolve(), out=sys.stderr)
         backend = None
         try:
-            verifier = launcher.start("verifier", "verifier", {})
-            tools = launcher.start("tools", "tools", settings_env("AXPO_TOOLS_", spec.run.tools))
-            inference = launcher.start(
+            verifier = procs.start("verifier", "verifier", {})
+            tools = procs.start("tools", "tools", settings_env("AXPO_TOOLS_", spec.run.tools))
+            inference = procs.start(
                 "inference",
                 "inference",
                 {
@@ -320,7 +320,7 @@ def run(
                 },
             )
             started = time.perf_counter()
-            launcher.wait_ready([verifier, tools, inference], spec.run.startup_timeout_s)
+            procs.wait_ready([verifier, tools, inference], spec.run.startup_timeout_s)
             startup_s = time.perf_counter() - started
 
             from axpo_rollout.clients import GrpcBackend
@@ -380,7 +380,7 @@ def run(
         finally:
             if backend is not None:
                 backend.close()
-            launcher.stop_all()
+            procs.stop_all()
 
     grpo_trajs = [t for grp in g.groups for t in grp.trajectories]
     axpo_trajs = [t for grp in a.groups for t in grp.trajectories]

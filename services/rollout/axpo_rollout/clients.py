@@ -13,9 +13,8 @@ from typing import Any
 
 import grpc
 
-from axpo import convert
-from axpo.config import RpcClientSettings
-from axpo.domain import (
+from axpo.contracts import convert
+from axpo.contracts.domain import (
     Image,
     Reward,
     RewardWeights,
@@ -29,6 +28,7 @@ from axpo.domain import (
     ToolSpec,
 )
 from axpo.rpc.client import open_channel, wait_for_health
+from axpo.settings.base import RpcClientSettings
 from axpo.v1 import (
     inference_pb2,
     inference_pb2_grpc,

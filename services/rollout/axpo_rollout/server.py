@@ -13,10 +13,11 @@ import logging
 import threading
 from pathlib import Path
 
-from axpo.config import RolloutSettings, load_job_spec
-from axpo.logs import configure_logging, log_event
 from axpo.queue import TrajectoryQueue, connect
 from axpo.rpc.server import serve_forever, start_server
+from axpo.settings.job import load_job_spec
+from axpo.settings.rollout import RolloutSettings
+from axpo.telemetry.logs import configure_logging, log_event
 from axpo_rollout.agent import AgentLoop, Vocab
 from axpo_rollout.clients import GrpcBackend
 from axpo_rollout.worker import RolloutWorker

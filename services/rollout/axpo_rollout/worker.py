@@ -25,10 +25,10 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from axpo.domain import Group
-from axpo.logs import log_event
+from axpo.contracts.domain import Group
 from axpo.queue import PromptDelivery, TrajectoryQueue
-from axpo.tasks import task_from_data
+from axpo.study.tasks import task_from_data
+from axpo.telemetry.logs import log_event
 from axpo_rollout.agent import AgentLoop
 
 log = logging.getLogger("axpo.rollout")

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from axpo.config import AlgorithmSpec, JobSpec, RolloutSpec, VerifierSettings
-from axpo.domain import (
+from axpo.contracts.domain import (
     FinishReason,
     Image,
     Reward,
@@ -33,8 +32,10 @@ from axpo.domain import (
     ToolResult,
     ToolSpec,
 )
-from axpo.tasks import Task, generate_task
-from axpo.tiny_model import build_tiny_model
+from axpo.settings.job import AlgorithmSpec, JobSpec, RolloutSpec
+from axpo.settings.verifier import VerifierSettings
+from axpo.study.tasks import Task, generate_task
+from axpo.study.tiny_model import build_tiny_model
 from axpo_rollout.agent import (
     AgentLoop,
     Cancelled,
