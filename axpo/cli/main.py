@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--format-weight", type=float, help="weight of the format reward")
     verify.add_argument("--tool-bonus-weight", type=float, help="weight of the tool-use bonus")
     verify.add_argument("--server", metavar="HOST:PORT", help="score through a running service")
+    verify.add_argument(
+        "--explain",
+        action="store_true",
+        help="add 'explain': each extraction step and why the checker decided",
+    )
     verify.set_defaults(handler=cmd_verify)
 
     bench = sub.add_parser("bench", help="measure a component's throughput")

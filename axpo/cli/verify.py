@@ -54,28 +54,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 weights.tool_bonus if args.tool_bonus_weight is None else args.tool_bonus_weight
             ),
         )
+    if args.explain and args.server:
+        raise UsageError("--explain runs the verifier in this process; drop --server")
+    explain: list[str] = []
+    if args.explain:
+        extract_mod = load_service("verifier", "extract")
+        extract_mod.extract_answer(item.output, explain)
     if args.server:
         reward = _verify_remote(args.server, item, weights)
     else:
         verifier_mod = load_service("verifier", "verifier")
         with verifier_mod.Verifier(settings) as verifier:
             (reward,) = verifier.score([item], weights)
-    print(
-        json.dumps(
-            {
-                "correct": reward.correct,
-                "reward": reward.total,
-                "extracted": reward.extracted,
-                "reason": reward.reason,
-                "checker": reward.checker,
-                "accuracy": reward.accuracy,
-                "format": reward.format,
-                "tool_bonus": reward.tool_bonus,
-                "timed_out": reward.timed_out,
-            },
-            ensure_ascii=False,
+    result: dict[str, object] = {
+        "correct": reward.correct,
+        "reward": reward.total,
+        "extracted": reward.extracted,
+        "reason": reward.reason,
+        "checker": reward.checker,
+        "accuracy": reward.accuracy,
+        "format": reward.format,
+        "tool_bonus": reward.tool_bonus,
+        "timed_out": reward.timed_out,
+    }
+    if args.explain:
+        explain.append(
+            f"checker {reward.checker}: {'correct' if reward.correct else 'wrong'}: {reward.reason}"
         )
-    )
+        result["explain"] = explain
+    print(json.dumps(result, ensure_ascii=False))
     return EXIT_OK
 
 

@@ -167,8 +167,9 @@ def tool_error_text(error: ToolError) -> str:
 class ParsedToolCall:
     """One ``<tool_call>`` block: the call, or why it cannot be run.
 
-    ``call`` is set whenever a name and an arguments object could be read, also when the
-    arguments then fail the tool's schema (``error`` says so); ``raw`` is the block's text.
+    ``call`` is set whenever a name could be read, also when its arguments are not an object
+    (the call records what the model wrote) or fail the tool's schema (``error`` says so);
+    ``raw`` is the block's text.
     """
 
     raw: str
@@ -208,6 +209,23 @@ def find_tool_call_blocks(visible: str) -> list[str]:
 
 def _malformed(raw: str, message: str) -> ParsedToolCall:
     return ParsedToolCall(raw, None, ToolError(ToolErrorKind.MALFORMED_CALL, message))
+
+
+def _kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
+        type(value), "null" if value is None else "number"
+    )
+
+
+def _bad_arguments(raw: str, call_id: str, name: str, written: Any, message: str) -> ParsedToolCall:
+    """A call of tool ``name`` whose arguments cannot be used: the call is kept (so the rollout
+    records a malformed call *of that tool*, with what the model wrote as its arguments) and
+    the error tells the model how to write them."""
+    call = ToolCall(
+        call_id=call_id, name=name, arguments_json=json.dumps(written, ensure_ascii=False)
+    )
+    hint = f'{name}: {message}; write "arguments": {{...}}, a JSON object'
+    return ParsedToolCall(raw, call, ToolError(ToolErrorKind.MALFORMED_CALL, hint))
 
 
 def _load_object(text: str) -> Any:
@@ -265,14 +283,18 @@ def parse_tool_call(
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         return _malformed(raw, 'tool call needs a "name" string')
-    arguments = obj.get("arguments", obj.get("parameters", {}))
+    written = arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):  # arguments sent as a serialized JSON string
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as exc:
-            return _malformed(raw, f'"arguments" string is not valid JSON ({exc.msg})')
+            return _bad_arguments(
+                raw, call_id, name, written, f'"arguments" string is not valid JSON ({exc.msg})'
+            )
     if not isinstance(arguments, dict):
-        return _malformed(raw, f'"arguments" must be an object, got {type(arguments).__name__}')
+        return _bad_arguments(
+            raw, call_id, name, written, f'"arguments" must be an object, got {_kind(arguments)}'
+        )
     call = ToolCall(
         call_id=call_id, name=name, arguments_json=json.dumps(arguments, ensure_ascii=False)
     )

@@ -28,6 +28,14 @@ class VerifierSettings(BaseSettings):
     """Per-item time limit when an item sets none; a math check past it is killed."""
     math_workers: Annotated[int, Field(ge=1, le=64)] = 2
     """Worker processes for math checks (killable, so hostile LaTeX cannot hang the service)."""
+    math_float_rounding: Annotated[int, Field(ge=0, le=15)] = 6
+    """Decimal places math-verify rounds numbers to before comparing them (``0.333333`` equals
+    ``\\frac13`` at 6, ``0.3333`` does not)."""
+    math_numeric_precision: Annotated[int, Field(ge=1, le=100)] = 15
+    """Significant digits math-verify evaluates symbolic numbers with (``\\sqrt2``, ``\\pi``)."""
+    math_set_relation: bool = True
+    """Compare a relation with a set: ``-2 \\le x \\le 7`` equals ``x \\in [-2, 7]`` (an
+    answer written as a chain of inequalities for an interval gold, and back)."""
     max_output_chars: Annotated[int, Field(ge=1)] = 2_000_000
     """Outputs longer than this are scored 0 without being read."""
     reward_weights: RewardWeights = RewardWeights()

@@ -82,6 +82,21 @@ def test_verify_without_an_answer_is_still_a_verdict():
     assert verdict["extracted"] is None
 
 
+def test_verify_explain_says_each_step():
+    stdin = "<think>x</think>First $\\boxed{255}$. The final answer is $10,455$<|im_end|>\nuser"
+    out = axpo("verify", "--kind", "number", "--gold", "10455", "--explain", stdin=stdin)
+    assert out.returncode == 0, out.stderr
+    verdict = json.loads(out.stdout)
+    assert verdict["correct"] is True
+    steps = verdict["explain"]
+    assert steps[0].startswith("turn: dropped")
+    assert "rule 2 \\boxed: '255'" in steps
+    assert steps[-2] == "rule 3 'the answer is' after the last box wins: '$10,455$'"
+    assert steps[-1].startswith("checker number: correct: number 10455 == gold 10455")
+    plain = json.loads(axpo("verify", "--kind", "number", "--gold", "1", stdin="1").stdout)
+    assert "explain" not in plain
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -92,8 +107,18 @@ def test_verify_without_an_answer_is_still_a_verdict():
         (["--kind", "bogus", "--gold", "3"], "--kind"),
         (["--gold", "3"], "--kind"),
         (["--kind", "number", "--gold", "3", "--time-limit", "0"], "--time-limit"),
+        (["--kind", "number", "--gold", "3", "--explain", "--server", "h:1"], "--explain"),
     ],
-    ids=["choices-type", "choices-json", "neg-tol", "nan-tol", "kind", "no-kind", "time-limit"],
+    ids=[
+        "choices-type",
+        "choices-json",
+        "neg-tol",
+        "nan-tol",
+        "kind",
+        "no-kind",
+        "time-limit",
+        "explain-remote",
+    ],
 )
 def test_verify_bad_arguments_exit_2(args, message):
     out = axpo("verify", *args, stdin="42")

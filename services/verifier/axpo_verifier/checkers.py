@@ -136,7 +136,8 @@ def check_number(answer: str, gold: str, rel_tol: float, abs_tol: float) -> Verd
     g = parse_number_ex(gold)
     if g is None:
         return Verdict(False, f"gold {_show(gold)} is not a single number", None)
-    a = parse_number_ex(answer)
+    # A non-integer gold admits a decimal comma in the answer ("1,22" for 1.22, never "1,234").
+    a = parse_number_ex(answer, decimal_comma=not g.value.is_integer())
     if a is None:
         return Verdict(False, "no single number in answer", None)
     tol = max(abs_tol, rel_tol * abs(g.value))

@@ -10,16 +10,25 @@ The opening ``<think>`` may be missing (the chat template puts it in the prompt)
 ``</think>`` that has no matching ``<think>`` is thinking. A ``<think>`` that is never closed
 makes the rest of the output thinking. Text inside thinking never counts as the answer.
 
+A model that runs past its turn leaves template text behind: everything from an
+``<|endoftext|>``, and from the last ``<|im_start|>`` when it opens a turn other than the
+assistant's (``<|im_start|>user``), is not the model's answer and is dropped first.
+
 In the visible part, with tool-call and tool-response blocks and chat special tokens removed,
 the answer is, in this order of priority:
 
 1. the content of the last ``<answer>...</answer>`` (an unclosed last ``<answer>`` runs to the
    end); a ``\\boxed{}`` inside it is unwrapped;
-2. the content of the last complete ``\\boxed{...}`` or ``\\fbox{...}``;
+2. the last complete ``\\boxed{...}`` or ``\\fbox{...}``; when several boxes end the answer,
+   separated only by commas, semicolons, spaces, ``$``, ``\\quad`` or "and"
+   (``\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}``), their contents joined
+   with ", " (up to 64 boxes); but a stated final answer that comes *after* the last box wins
+   (an intermediate ``\\boxed{255}`` followed by "The final answer is 10,455");
 3. what follows the last "the answer is" / "answer:" / "final answer:" (case-insensitive) up to
    the end of its line (or the next non-empty line when that is empty), cut at the end of the
    first sentence, markdown bold and a trailing period removed;
-4. the last non-empty line.
+4. the last non-empty line; when the output ends with display math over several lines
+   (``\\[`` ... ``\\]`` or ``$$`` ... ``$$``), the content of that block.
 
 Every step is linear in the length of the output: ``str.find``/``rfind``, bounded regexes and
 one forward scan for braces (no recursion, so 5,000 nested braces are fine).
@@ -36,6 +45,7 @@ from axpo.contracts.chat import split_thinking
 __all__ = [
     "Extraction",
     "clean_text",
+    "drop_run_past",
     "extract_answer",
     "split_thinking",
     "strip_tool_blocks",
@@ -78,6 +88,27 @@ _BLOCKS = (("<tool_call>", "</tool_call>"), ("<tool_response>", "</tool_response
 _SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
 
 
+_END_OF_TEXT = "<|endoftext|>"
+_IM_START = "<|im_start|>"
+_IM_END = "<|im_end|>"
+
+
+def drop_run_past(output: str) -> str:
+    """The model's own turn: cut at ``<|endoftext|>``, at a last ``<|im_start|>`` that opens a
+    turn other than the assistant's (a model running on into ``<|im_start|>user``), and at the
+    ``<|im_end|>`` that closes the last assistant turn. Earlier turns of a transcript (tool
+    calls and responses) are kept."""
+    cut = output.find(_END_OF_TEXT)
+    if cut >= 0:
+        output = output[:cut]
+    start = output.rfind(_IM_START)
+    if start >= 0 and not output.startswith("assistant", start + len(_IM_START)):
+        output = output[:start]
+        start = output.rfind(_IM_START)
+    end = output.find(_IM_END, max(start, 0))
+    return output if end < 0 else output[:end]
+
+
 def strip_tool_blocks(visible: str) -> str:
     """Remove ``<tool_call>``/``<tool_response>`` blocks (an unclosed one runs to the end) and
     chat special tokens such as ``<|im_end|>``."""
@@ -113,9 +144,9 @@ def _answer_tag(visible: str) -> str | None:
     start += len("<answer>")
     end = visible.find("</answer>", start)
     content = visible[start:] if end < 0 else visible[start:end]
-    boxed = _last_boxed(content)
+    boxed = _last_box(content, len(content))
     if boxed is not None:
-        content = boxed
+        content = boxed.content
     content = _tidy(content)
     return content or None
 
@@ -170,31 +201,64 @@ def _escaped(text: str, j: int) -> bool:
     return (j - 1 - k) % 2 == 1
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}``/``\\fbox{...}`` (or ``\\boxed 5``)."""
+@dataclass(frozen=True)
+class _Box:
+    start: int  # the backslash of the command
+    stop: int  # just after the closing brace (or the bare token)
+    content: str
+
+
+def _last_box(text: str, end: int) -> _Box | None:
+    """The last complete ``\\boxed{...}``/``\\fbox{...}`` (or ``\\boxed 5``) that starts before
+    ``end`` and closes by it."""
     if "\\boxed" not in text and "\\fbox" not in text:
         return None
-    end = len(text)
     for _ in range(_MAX_BOX_TRIES):
         start, after = _last_box_command(text, end)
         if start < 0:
             return None
         j = after
-        while j < len(text) and text[j] in " \t":
+        while j < end and text[j] in " \t":
             j += 1
-        if j < len(text) and text[j] == "{":
+        if j < end and text[j] == "{":
             close = _match_braces(text, j)
-            if close >= 0:
-                return text[j + 1 : close].strip()
-        elif j > after and j < len(text):
+            if 0 <= close < end:
+                return _Box(start, close + 1, text[j + 1 : close].strip())
+        elif after < j < end:
             # "\boxed 5": one token up to whitespace or "$"
             k = j
-            while k < len(text) and not text[k].isspace() and text[k] != "$":
+            while k < end and not text[k].isspace() and text[k] != "$":
                 k += 1
             if k > j:
-                return text[j:k]
+                return _Box(start, k, text[j:k])
         end = start
     return None
+
+
+# What may stand between boxes that together form one answer: "\boxed{1}, \boxed{2}",
+# "$\boxed{(2, 2)}$ \quad \text{and} \quad $\boxed{(6, 2)}$". Prose ends the run.
+_BOX_SEPARATOR = re.compile(
+    r"(?:\s|[,;$&]|\\q?quad\b|\\[,;: ()\[\]]|\band\b"
+    r"|\\(?:text|textrm|mathrm)\s{0,4}\{\s{0,4}(?:,|and)?\s{0,4}\})*"
+)
+_MAX_BOXES = 64
+
+
+def _box_run(text: str) -> tuple[str, int] | None:
+    """The answer in boxes and where the last box ends: the last box's content, or the
+    contents of the boxes that end the text one after another with only separators between
+    them, joined with ", " (see the module docstring)."""
+    last = _last_box(text, len(text))
+    if last is None:
+        return None
+    run = [last]
+    while len(run) < _MAX_BOXES:
+        prev = _last_box(text, run[-1].start)
+        if prev is None or not _BOX_SEPARATOR.fullmatch(text, prev.stop, run[-1].start):
+            break
+        run.append(prev)
+    contents = [b.content for b in reversed(run) if b.content]
+    return ", ".join(contents), last.stop
 
 
 # --------------------------------------------------------------------------- "the answer is"
@@ -208,13 +272,18 @@ _SENTENCE_END = re.compile(r"[.!?](?=\s{1,4}[A-Z])")
 _MAX_HEADING_SKIP = 20
 
 
-def _answer_is(visible: str) -> str | None:
+def _answer_is(visible: str) -> tuple[str | None, int] | None:
+    """What follows the last "the answer is" (None when nothing readable does), and where that
+    phrase starts; None when there is no such phrase."""
     last: re.Match[str] | None = None
     for m in _ANSWER_IS.finditer(visible):
         last = m
     if last is None:
         return None
-    pos = last.end()
+    return _after_answer_is(visible, last.end()), last.start()
+
+
+def _after_answer_is(visible: str, pos: int) -> str | None:
     # the rest of the line, or the next non-empty line when the line ends here
     for _ in range(_MAX_HEADING_SKIP):
         nl = visible.find("\n", pos)
@@ -234,14 +303,33 @@ def _answer_is(visible: str) -> str | None:
 # --------------------------------------------------------------------------- last line
 
 
+_DISPLAY_OPEN = {"\\]": "\\[", "$$": "$$"}
+
+
 def _last_line(visible: str) -> str | None:
     end = len(visible)
     while end > 0:
         nl = visible.rfind("\n", 0, end)
         line = _tidy(visible[nl + 1 : end])
         if line:
-            return line
+            return _display_block(visible, end) or line
         end = nl if nl >= 0 else 0
+    return None
+
+
+def _display_block(visible: str, end: int) -> str | None:
+    """When ``visible[:end]`` ends with a display-math closer on a line of its own (``\\]`` or
+    ``$$``), the block's content on one line; else None."""
+    text = visible[:end].rstrip().rstrip(".").rstrip()
+    for close, open_ in _DISPLAY_OPEN.items():
+        if not text.endswith(close):
+            continue
+        body_end = len(text) - len(close)
+        start = text.rfind(open_, 0, body_end)
+        if start < 0 or "\n" not in text[start:body_end]:
+            return None  # one-line math: the checkers read its delimiters themselves
+        content = " ".join(text[start + len(open_) : body_end].split())
+        return _tidy(content) or None
     return None
 
 
@@ -260,31 +348,62 @@ def _tidy(text: str) -> str:
     return text
 
 
-def extract_answer(output: str) -> Extraction | None:
-    """The answer in ``output`` (see the module docstring), or None when there is none.
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def extract_answer(output: str, trace: list[str] | None = None) -> Extraction | None:
+    """The answer in ``output`` (see the module docstring), or None when there is none. With
+    ``trace``, each step appends one line saying what it saw (``axpo verify --explain``).
 
     >>> extract_answer("<think>maybe 3</think>The answer is 4.")
     Extraction(text='4', source='answer_is')
     """
-    if not output:
+
+    def say(line: str) -> None:
+        if trace is not None:
+            trace.append(line)
+
+    if not output or not (output := clean_text(output)).strip():
+        say("output: empty")
         return None
-    output = clean_text(output)
-    if not output.strip():
-        return None
-    _, visible = split_thinking(output)
-    visible = strip_tool_blocks(visible)
+    turn = drop_run_past(output)
+    if len(turn) < len(output):
+        say(
+            f"turn: dropped {len(output) - len(turn)} chars after the model's turn: "
+            f"{_short(output[len(turn) :].strip())}"
+        )
+    thinking, visible = split_thinking(turn)
+    say(f"thinking: {len(thinking)} chars, never the answer; visible: {len(visible)} chars")
+    stripped = strip_tool_blocks(visible)
+    if stripped != visible:
+        say("visible: tool-call/tool-response blocks and special tokens removed")
+    visible = stripped
     if not visible.strip():
+        say("visible: empty, no answer")
         return None
     found = _answer_tag(visible)
     if found is not None:
+        say(f"rule 1 <answer>: {_short(found)}")
         return Extraction(found, "answer_tag")
-    found = _last_boxed(visible)
-    if found:
-        return Extraction(found, "boxed")
-    found = _answer_is(visible)
-    if found is not None:
-        return Extraction(found, "answer_is")
+    say("rule 1 <answer>: none")
+    boxed = _box_run(visible)
+    stated = _answer_is(visible)
+    if boxed is not None and boxed[0]:
+        say(f"rule 2 \\boxed: {_short(boxed[0])}")
+        # A final answer stated after the last box overrides it (the box was a step).
+        if stated is not None and stated[0] is not None and stated[1] >= boxed[1]:
+            say(f"rule 3 'the answer is' after the last box wins: {_short(stated[0])}")
+            return Extraction(stated[0], "answer_is")
+        return Extraction(boxed[0], "boxed")
+    say("rule 2 \\boxed: none")
+    if stated is not None and stated[0] is not None:
+        say(f"rule 3 'the answer is': {_short(stated[0])}")
+        return Extraction(stated[0], "answer_is")
+    say("rule 3 'the answer is': none")
     found = _last_line(visible)
     if found is not None:
+        say(f"rule 4 last line (or closing display math): {_short(found)}")
         return Extraction(found, "last_line")
+    say("rule 4 last line: none")
     return None

@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import re
 import threading
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -36,12 +37,22 @@ from pebble import ProcessPool
 
 from axpo_verifier.checkers import Verdict
 
-__all__ = ["MathChecker", "check_math_in_process", "normalize_math"]
+__all__ = ["MathChecker", "MathOptions", "check_math_in_process", "normalize_math"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_LIMIT_MB = 1024
 DEFAULT_MAX_CHARS = 5_000
+
+
+@dataclass(frozen=True)
+class MathOptions:
+    """How math-verify compares (``VerifierSettings.math_*`` document each)."""
+
+    float_rounding: int = 6
+    numeric_precision: int = 15
+    set_relation: bool = True
+
 
 _FAST_DROP = re.compile(r"\\left\b|\\right\b|\\displaystyle\b|\\[,;:! ]|\$|\s")
 
@@ -103,7 +114,7 @@ def _parse(text: str) -> list[Any]:
     return first
 
 
-def check_math_in_process(answer: str, gold: str) -> Verdict:
+def check_math_in_process(answer: str, gold: str, options: MathOptions = MathOptions()) -> Verdict:
     """Compare with math-verify in this process, without any time limit: call it only in a
     worker that can be killed."""
     gold_parsed = _parse(gold)
@@ -115,7 +126,15 @@ def check_math_in_process(answer: str, gold: str) -> Verdict:
     # the answer as written: math-verify's own strings are rewritten ("0.5" becomes "\\frac{1}{2}")
     shown = answer.strip()
     shown = shown if len(shown) <= 200 else shown[:199] + "…"
-    if _math_verify().verify(gold_parsed, answer_parsed, timeout_seconds=None):
+    same = _math_verify().verify(
+        gold_parsed,
+        answer_parsed,
+        float_rounding=options.float_rounding,
+        numeric_precision=options.numeric_precision,
+        allow_set_relation_comp=options.set_relation,
+        timeout_seconds=None,
+    )
+    if same:
         return Verdict(True, "math-verify: answer equals gold", shown)
     return Verdict(False, "math-verify: answer differs from gold", shown)
 
@@ -156,11 +175,13 @@ class MathChecker:
         *,
         memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB,
         max_chars: int = DEFAULT_MAX_CHARS,
+        options: MathOptions = MathOptions(),
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         self.max_chars = max_chars
+        self.options = options
         self._lock = threading.Lock()
         self._closed = False
         self._pool = ProcessPool(
@@ -202,7 +223,7 @@ class MathChecker:
             if self._closed:
                 raise RuntimeError("MathChecker is closed")
             future: concurrent.futures.Future[Verdict] = self._pool.schedule(
-                check_math_in_process, args=(answer, gold), timeout=timeout_s
+                check_math_in_process, args=(answer, gold, self.options), timeout=timeout_s
             )
         return future
 

@@ -15,11 +15,16 @@ Rules (all linear-time: bounded regexes and single scans, no ``eval``):
   (``"7 (seven)"`` is 7).
 * **Thousands separators.** A comma is a thousands separator only in the strict pattern
   ``d{1,3}(,ddd)+`` (``"1,234,567"``, ``"1,234.5"``). Anything else splits numbers: ``"1,5"``,
-  ``"1,50"``, ``"12,34,567"`` and ``"1, 2"`` are lists, hence None. So the European decimal
-  comma is *not* supported (``"1,5"`` is never 1.5), and ``"1,500"`` is 1500. Spaces never
+  ``"1,50"``, ``"12,34,567"`` and ``"1, 2"`` are lists, hence None, unless decimal commas
+  are asked for (below); ``"1,500"`` is always 1500. Spaces never
   group digits (``"1 234"`` is two numbers), nor do periods (``"1.234.567"`` is malformed).
   LaTeX ``{,}`` and ``\\,`` inside a number are removed first (``"1{,}000"`` and ``"1\\,000"``
   are 1000).
+* **Decimal commas**, only when asked (``decimal_comma=True``; the number checker asks when the
+  gold is not an integer): a comma between digits followed by one or two digits and no more
+  (``"1,5"``, ``"1,22"``, ``"1000,99"``) is a decimal point. Three digits after a comma are
+  always a thousands group, so ``"1,234"`` is 1234 whatever the gold; ``"1,22"`` against the
+  gold 122 stays a list (None).
 * **Decimals and signs.** ``".5"``, ``"-.5"``, ``"5."``; ``-``, ``+`` and the Unicode minus
   U+2212 (also en dash and figure dash) directly before the number, when not glued to a
   preceding letter or digit (``"COVID-19"`` is 19). ``"minus 5"``/``"negative 5"`` are -5.
@@ -334,11 +339,16 @@ def _words_value(text: str) -> float | None:
 # --------------------------------------------------------------------------- API
 
 
-def parse_number_ex(text: str) -> ParsedNumber | None:
+_DECIMAL_COMMA = re.compile(r"(?<![\d,.])(\d+),(\d{1,2})(?![\d,.])")
+
+
+def parse_number_ex(text: str, *, decimal_comma: bool = False) -> ParsedNumber | None:
     """The single number in ``text`` with its percent flag, or None (see module docstring)."""
     if not text:
         return None
     text = _preprocess(text)
+    if decimal_comma and "," in text:
+        text = _DECIMAL_COMMA.sub(r"\1.\2", text)
     if _NOT_PLAIN.search(text):
         return None
     tokens = _tokens(text)

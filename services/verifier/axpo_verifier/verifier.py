@@ -39,7 +39,7 @@ from axpo.settings.verifier import VerifierSettings
 from axpo_verifier.checkers import Verdict, check_choice, check_number, check_text
 from axpo_verifier.extract import Extraction, extract_answer
 from axpo_verifier.formatting import format_score
-from axpo_verifier.mathcheck import MathChecker
+from axpo_verifier.mathcheck import MathChecker, MathOptions
 
 __all__ = ["EXTRACTED_MAX_CHARS", "Verifier"]
 
@@ -99,7 +99,16 @@ class Verifier:
         self.queue_wait_s = queue_wait_s
         self._owns_math = math_checker is None
         self._math = (
-            math_checker if math_checker is not None else MathChecker(self.settings.math_workers)
+            math_checker
+            if math_checker is not None
+            else MathChecker(
+                self.settings.math_workers,
+                options=MathOptions(
+                    float_rounding=self.settings.math_float_rounding,
+                    numeric_precision=self.settings.math_numeric_precision,
+                    set_relation=self.settings.math_set_relation,
+                ),
+            )
         )
 
     @property

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
+from axpo.algorithm.diagnostics import step_diagnostics
 from axpo.contracts.domain import (
     FinishReason,
     Image,
@@ -455,6 +456,25 @@ def test_a_malformed_call_is_answered_with_an_error_and_not_run(
     response = next(s for s in traj.segments if s.kind == SegmentKind.TOOL_RESPONSE)
     text = vocab.decode(traj.token_ids[response.start : response.end])
     assert "Error (malformed_call)" in text
+
+
+def test_string_arguments_are_a_malformed_call_of_that_tool(
+    vocab: Vocab, verifier: Verifier, task: Task
+) -> None:
+    bad = (
+        'Zoom.\n</think>\n\n<tool_call>\n{"name": "image_zoom_in_tool", "arguments": "[oops"}'
+        "\n</tool_call>"
+    )
+    backend = Scripted(vocab, verifier, [bad, answer("A")], answer(task.gold))
+    group = AgentLoop(backend, vocab, job("grpo"), [ZOOM]).run_group(task)
+    [inv] = group.trajectories[0].tool_calls
+    assert inv.call.name == "image_zoom_in_tool"  # recorded as a call of that tool
+    assert json.loads(inv.call.arguments_json) == "[oops"
+    assert inv.result.error is not None
+    assert inv.result.error.kind == ToolErrorKind.MALFORMED_CALL
+    assert backend.tool_calls == []
+    record = step_diagnostics([group], learner_version=0)
+    assert record["malformed_call_rate"] == 1.0  # the group's only call, counted as malformed
 
 
 def test_turn_and_token_budgets_truncate(vocab: Vocab, verifier: Verifier, task: Task) -> None:

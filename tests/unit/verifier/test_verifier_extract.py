@@ -6,7 +6,13 @@ import time
 
 import pytest
 
-from axpo_verifier.extract import Extraction, extract_answer, split_thinking, strip_tool_blocks
+from axpo_verifier.extract import (
+    Extraction,
+    drop_run_past,
+    extract_answer,
+    split_thinking,
+    strip_tool_blocks,
+)
 
 TOOL_CALL = '<tool_call>\n{"name": "zoom_in", "arguments": {"bbox": [0, 0, 10, 10]}}\n</tool_call>'
 
@@ -198,3 +204,71 @@ def test_5000_nested_braces_extracted_whole() -> None:
     assert got is not None
     assert got.text == inner
     assert got.source == "boxed"
+
+
+@pytest.mark.parametrize(
+    ("output", "turn"),
+    [
+        pytest.param("42<|im_end|>\n<|im_start|>user\nmore", "42", id="runs-into-user"),
+        pytest.param("42<|endoftext|>junk", "42", id="endoftext"),
+        pytest.param("42<|im_end|>", "42", id="own-im-end"),
+        pytest.param("42<|im_end|>\ntrailing", "42", id="after-im-end"),
+        pytest.param(
+            "a<|im_end|>\n<|im_start|>user\nr<|im_end|>\n<|im_start|>assistant\nb<|im_end|>",
+            "a<|im_end|>\n<|im_start|>user\nr<|im_end|>\n<|im_start|>assistant\nb",
+            id="transcript-keeps-earlier-turns",
+        ),
+        pytest.param("plain 42", "plain 42", id="nothing-to-drop"),
+    ],
+)
+def test_drop_run_past(output: str, turn: str) -> None:
+    assert drop_run_past(output) == turn
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        pytest.param(r"\boxed{1}, \boxed{2}", Extraction("1, 2", "boxed"), id="two-boxes"),
+        pytest.param(
+            r"$\boxed{a}$ \quad \text{and} \quad $\boxed{b}$",
+            Extraction("a, b", "boxed"),
+            id="quad",
+        ),
+        pytest.param(r"\boxed{1} so \boxed{2}", Extraction("2", "boxed"), id="prose-breaks-run"),
+        pytest.param(
+            r"\boxed{5}. Thus the final answer is 6",
+            Extraction("6", "answer_is"),
+            id="stated-after",
+        ),
+        pytest.param(
+            r"The answer is \boxed{6}.", Extraction("6", "boxed"), id="stated-before-box-wins"
+        ),
+        pytest.param(
+            "x\n\\[\n 3 + 4\n = 7\n\\]", Extraction("3 + 4 = 7", "last_line"), id="display"
+        ),
+        pytest.param("x\n$$\n7\n$$.", Extraction("7", "last_line"), id="display-dollars-period"),
+        pytest.param(
+            "so \\[ 7 \\]", Extraction("so \\[ 7 \\]", "last_line"), id="one-line-display"
+        ),
+    ],
+)
+def test_new_extraction_rules(output: str, expected: Extraction) -> None:
+    assert extract_answer(output) == expected
+
+
+def test_box_runs_stay_linear() -> None:
+    output = ", ".join(["\\boxed{1}"] * 50_000)
+    started = time.perf_counter()
+    found = extract_answer(output)
+    assert found is not None
+    assert found.text.count("1") == 64  # at most 64 boxes are joined
+    assert time.perf_counter() - started < 5
+
+
+def test_trace_says_each_step() -> None:
+    trace: list[str] = []
+    found = extract_answer("<think>hm</think>$\\boxed{3}$. The final answer is 4<|im_end|>x", trace)
+    assert found == Extraction("4", "answer_is")
+    assert trace[0].startswith("turn: dropped")
+    assert any(line.startswith("rule 2 \\boxed: '3'") for line in trace)
+    assert trace[-1] == "rule 3 'the answer is' after the last box wins: '4'"

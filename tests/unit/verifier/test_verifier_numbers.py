@@ -147,3 +147,26 @@ def test_parse_number_is_linear(text: str) -> None:
     start = time.perf_counter()
     parse_number(text)
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        pytest.param("1,5", 1.5, id="one-digit"),
+        pytest.param("1,22", 1.22, id="two-digits"),
+        pytest.param("1000,99", 1000.99, id="four-before"),
+        pytest.param("-0,5 m", -0.5, id="negative-with-unit"),
+        pytest.param("1,234", 1234.0, id="three-digits-stay-thousands"),
+        pytest.param("1,234,5", None, id="mixed-groups-malformed"),
+        pytest.param("1,5 and 2,5", None, id="two-numbers"),
+        pytest.param("1, 5", None, id="space-is-a-list"),
+    ],
+)
+def test_decimal_comma_when_asked(text: str, value: float | None) -> None:
+    parsed = parse_number_ex(text, decimal_comma=True)
+    assert (parsed.value if parsed is not None else None) == value
+
+
+def test_no_decimal_comma_unless_asked() -> None:
+    assert parse_number("1,22") is None
+    assert parse_number("1000,99") is None
