@@ -29,6 +29,7 @@ from axpo.rpc.client import open_channel, wait_for_health  # noqa: E402
 from axpo.settings.base import RpcClientSettings  # noqa: E402
 from axpo.study.tiny_model import build_tiny_model  # noqa: E402
 from axpo.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
+from axpo_learner.publish import weight_chunks  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -111,25 +112,7 @@ def test_serve_inference_tied_model_swaps_streamed_weights(tmp_path: Path) -> No
         assert "lm_head.weight" not in state
         state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
 
-        def chunks() -> Any:
-            yield inference_pb2.LoadWeightsStreamRequest(
-                header=inference_pb2.WeightStreamHeader(policy_version=5, tensor_count=len(state))
-            )
-            for name, tensor in state.items():
-                data = tensor.contiguous().numpy().tobytes()
-                for off in range(0, len(data), 1 << 20):
-                    yield inference_pb2.LoadWeightsStreamRequest(
-                        chunk=inference_pb2.TensorChunk(
-                            name=name,
-                            dtype="float32",
-                            shape=list(tensor.shape),
-                            offset=off,
-                            data=data[off : off + (1 << 20)],
-                            total_bytes=len(data),
-                        )
-                    )
-
-        loaded = stub.LoadWeightsStream(chunks())
+        loaded = stub.LoadWeightsStream(weight_chunks(state, 5, 1 << 20))
         assert loaded.policy_version == 5
         after = stub.Generate(request).samples[0]
         assert after.policy_version == 5

@@ -35,6 +35,9 @@ from axpo_inference.errors import InvalidRequestError  # noqa: E402
 from axpo_inference.sampling import to_sample  # noqa: E402
 from axpo_inference.server import start  # noqa: E402
 
+# The learner's own stream of a weight publication: what a replica really receives.
+from axpo_learner.publish import weight_chunks  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
 PAD = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -349,30 +352,13 @@ def test_status(stub: Any, engine: InferenceEngine) -> None:
 
 # --------------------------------------------------------------------------- weights
 
+CHUNK_BYTES = 100_000  # several chunks per tensor
+
 
 def _perturbed(model_dir: Path, seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     state = load_file(str(model_dir / "model.safetensors"))
     return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
-
-
-def _chunks(state: dict[str, Any], version: int, chunk_bytes: int = 100_000) -> Any:
-    yield inference_pb2.LoadWeightsStreamRequest(
-        header=inference_pb2.WeightStreamHeader(policy_version=version, tensor_count=len(state))
-    )
-    for name, tensor in state.items():
-        data = tensor.contiguous().numpy().tobytes()
-        for off in range(0, len(data), chunk_bytes):
-            yield inference_pb2.LoadWeightsStreamRequest(
-                chunk=inference_pb2.TensorChunk(
-                    name=name,
-                    dtype="float32",
-                    shape=list(tensor.shape),
-                    offset=off,
-                    data=data[off : off + chunk_bytes],
-                    total_bytes=len(data),
-                )
-            )
 
 
 def test_load_weights_path_and_stream_match_transformers(
@@ -394,7 +380,7 @@ def test_load_weights_path_and_stream_match_transformers(
     assert list(s.token_ids) == _hf_greedy(model_dir, processor, ONE_IMAGE, [IMG_A], 16, state)
 
     state2 = _perturbed(model_dir, 2)
-    resp2 = stub.LoadWeightsStream(_chunks(state2, v + 2))
+    resp2 = stub.LoadWeightsStream(weight_chunks(state2, v + 2, CHUNK_BYTES))
     assert resp2.policy_version == v + 2
     assert resp2.bytes_received == sum(t.numel() * 4 for t in state2.values())
     (s2,) = engine.generate(ids, [IMG_A], GREEDY)
@@ -481,7 +467,7 @@ def test_bad_weight_loads_are_refused_and_the_engine_serves(
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, name
         assert hint in info.value.details(), info.value.details()
     with pytest.raises(grpc.RpcError) as info:  # a stream with a wrong shape
-        stub.LoadWeightsStream(_chunks(reshaped, v + 1))
+        stub.LoadWeightsStream(weight_chunks(reshaped, v + 1, CHUNK_BYTES))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "chunk.shape" in info.value.details()
     assert engine.policy_version == v

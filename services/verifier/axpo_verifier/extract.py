@@ -98,6 +98,8 @@ def drop_run_past(output: str) -> str:
     turn other than the assistant's (a model running on into ``<|im_start|>user``), and at the
     ``<|im_end|>`` that closes the last assistant turn. Earlier turns of a transcript (tool
     calls and responses) are kept."""
+    if "<|" not in output:
+        return output
     cut = output.find(_END_OF_TEXT)
     if cut >= 0:
         output = output[:cut]
@@ -144,7 +146,7 @@ def _answer_tag(visible: str) -> str | None:
     start += len("<answer>")
     end = visible.find("</answer>", start)
     content = visible[start:] if end < 0 else visible[start:end]
-    boxed = _last_box(content, len(content))
+    boxed = _last_box(content, len(content)) if _has_box(content) else None
     if boxed is not None:
         content = boxed.content
     content = _tidy(content)
@@ -208,11 +210,13 @@ class _Box:
     content: str
 
 
+def _has_box(text: str) -> bool:
+    return "\\boxed" in text or "\\fbox" in text
+
+
 def _last_box(text: str, end: int) -> _Box | None:
     """The last complete ``\\boxed{...}``/``\\fbox{...}`` (or ``\\boxed 5``) that starts before
     ``end`` and closes by it."""
-    if "\\boxed" not in text and "\\fbox" not in text:
-        return None
     for _ in range(_MAX_BOX_TRIES):
         start, after = _last_box_command(text, end)
         if start < 0:
@@ -242,17 +246,26 @@ _BOX_SEPARATOR = re.compile(
     r"|\\(?:text|textrm|mathrm)\s{0,4}\{\s{0,4}(?:,|and)?\s{0,4}\})*"
 )
 _MAX_BOXES = 64
+_SEPARATOR_CHARS = " \t\n,;$&"
+_SEPARATOR_ENDS = ("}", "quad", "and", "\\(", "\\[", "\\)", "\\]", "\\,", "\\;", "\\:", "\\")
 
 
 def _box_run(text: str) -> tuple[str, int] | None:
     """The answer in boxes and where the last box ends: the last box's content, or the
     contents of the boxes that end the text one after another with only separators between
     them, joined with ", " (see the module docstring)."""
+    if not _has_box(text):
+        return None
     last = _last_box(text, len(text))
     if last is None:
         return None
     run = [last]
     while len(run) < _MAX_BOXES:
+        # Cheap test first: a box just before would end in "}" and a separator (most texts
+        # have one box, and this saves searching all the text before it).
+        before = text[max(0, run[-1].start - 64) : run[-1].start].rstrip(_SEPARATOR_CHARS)
+        if not before.endswith(_SEPARATOR_ENDS):
+            break
         prev = _last_box(text, run[-1].start)
         if prev is None or not _BOX_SEPARATOR.fullmatch(text, prev.stop, run[-1].start):
             break
@@ -272,15 +285,13 @@ _SENTENCE_END = re.compile(r"[.!?](?=\s{1,4}[A-Z])")
 _MAX_HEADING_SKIP = 20
 
 
-def _answer_is(visible: str) -> tuple[str | None, int] | None:
-    """What follows the last "the answer is" (None when nothing readable does), and where that
-    phrase starts; None when there is no such phrase."""
+def _answer_is(visible: str) -> str | None:
     last: re.Match[str] | None = None
     for m in _ANSWER_IS.finditer(visible):
         last = m
     if last is None:
         return None
-    return _after_answer_is(visible, last.end()), last.start()
+    return _after_answer_is(visible, last.end())
 
 
 def _after_answer_is(visible: str, pos: int) -> str | None:
@@ -359,51 +370,52 @@ def extract_answer(output: str, trace: list[str] | None = None) -> Extraction | 
     >>> extract_answer("<think>maybe 3</think>The answer is 4.")
     Extraction(text='4', source='answer_is')
     """
-
-    def say(line: str) -> None:
-        if trace is not None:
-            trace.append(line)
-
+    # Every trace line is built under `if trace is not None`: scoring pays nothing for it.
     if not output or not (output := clean_text(output)).strip():
-        say("output: empty")
+        if trace is not None:
+            trace.append("output: empty")
         return None
     turn = drop_run_past(output)
-    if len(turn) < len(output):
-        say(
-            f"turn: dropped {len(output) - len(turn)} chars after the model's turn: "
-            f"{_short(output[len(turn) :].strip())}"
-        )
+    if trace is not None and len(turn) < len(output):
+        dropped = output[len(turn) :].strip()
+        trace.append(f"turn: dropped {len(output) - len(turn)} chars: {_short(dropped)}")
     thinking, visible = split_thinking(turn)
-    say(f"thinking: {len(thinking)} chars, never the answer; visible: {len(visible)} chars")
+    if trace is not None:
+        trace.append(f"thinking: {len(thinking)} chars, never the answer")
     stripped = strip_tool_blocks(visible)
-    if stripped != visible:
-        say("visible: tool-call/tool-response blocks and special tokens removed")
+    if trace is not None and stripped != visible:
+        trace.append("visible: tool-call/tool-response blocks and special tokens removed")
     visible = stripped
     if not visible.strip():
-        say("visible: empty, no answer")
+        if trace is not None:
+            trace.append("visible: empty, no answer")
         return None
     found = _answer_tag(visible)
+    if trace is not None:
+        trace.append(f"rule 1 <answer>: {_short(found) if found is not None else 'none'}")
     if found is not None:
-        say(f"rule 1 <answer>: {_short(found)}")
         return Extraction(found, "answer_tag")
-    say("rule 1 <answer>: none")
     boxed = _box_run(visible)
-    stated = _answer_is(visible)
     if boxed is not None and boxed[0]:
-        say(f"rule 2 \\boxed: {_short(boxed[0])}")
+        if trace is not None:
+            trace.append(f"rule 2 \\boxed: {_short(boxed[0])}")
         # A final answer stated after the last box overrides it (the box was a step).
-        if stated is not None and stated[0] is not None and stated[1] >= boxed[1]:
-            say(f"rule 3 'the answer is' after the last box wins: {_short(stated[0])}")
-            return Extraction(stated[0], "answer_is")
+        after = _answer_is(visible[boxed[1] :])
+        if after is not None:
+            if trace is not None:
+                trace.append(f"rule 3 'the answer is' after the last box wins: {_short(after)}")
+            return Extraction(after, "answer_is")
         return Extraction(boxed[0], "boxed")
-    say("rule 2 \\boxed: none")
-    if stated is not None and stated[0] is not None:
-        say(f"rule 3 'the answer is': {_short(stated[0])}")
-        return Extraction(stated[0], "answer_is")
-    say("rule 3 'the answer is': none")
+    stated = _answer_is(visible)
+    if trace is not None:
+        trace.append("rule 2 \\boxed: none")
+        trace.append(f"rule 3 'the answer is': {_short(stated) if stated else 'none'}")
+    if stated is not None:
+        return Extraction(stated, "answer_is")
     found = _last_line(visible)
+    if trace is not None:
+        shown = _short(found) if found is not None else "none"
+        trace.append(f"rule 4 last line (or closing display math): {shown}")
     if found is not None:
-        say(f"rule 4 last line (or closing display math): {_short(found)}")
         return Extraction(found, "last_line")
-    say("rule 4 last line: none")
     return None
