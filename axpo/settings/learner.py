@@ -29,6 +29,10 @@ class LearnerSettings(BaseSettings):
     """Checkpoint directory or hub name of the initial policy (the serving replicas' model)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter and compute dtype (optimizer states follow the parameters)."""
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    """Where the model, its reference and every batch live: ``auto`` is this process's GPU
+    (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available, else ``cpu``; or ``cpu``,
+    ``cuda``, ``cuda:N``. A CUDA device means NCCL under torchrun, ``cpu`` means gloo."""
     lr: Annotated[float, Field(gt=0)] = 1e-6
     """AdamW learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)

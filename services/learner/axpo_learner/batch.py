@@ -14,6 +14,7 @@ so a micro-batch holds exactly the images of its rows, and the budget counts exp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from collections.abc import Callable, Sequence
@@ -62,6 +63,31 @@ class MicroBatch:
     @property
     def padded_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """The same batch with every tensor on ``device`` (itself on CPU). Host tensors are
+        pinned first, so the copies to a GPU are asynchronous."""
+        if device.type == "cpu":
+            return self
+        cuda = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
+
+        def maybe(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else move(t)
+
+        return dataclasses.replace(
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            loss_mask=move(self.loss_mask),
+            rollout_logprobs=move(self.rollout_logprobs),
+            advantages=move(self.advantages),
+            pixel_values=maybe(self.pixel_values),
+            image_grid_thw=maybe(self.image_grid_thw),
+            mm_token_type_ids=maybe(self.mm_token_type_ids),
+        )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward."""

@@ -70,6 +70,10 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _load(path: Path) -> Any:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
@@ -204,7 +208,9 @@ def load(trainer: Trainer, path: str | Path) -> CheckpointInfo:
         _load_single_file(trainer, path)
     else:
         _load_state(trainer, path / _STATE, optimizer_state=meta.get("optimizer_state", True))
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    trainer.scheduler.load_state_dict(
+        torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+    )
     rng = path / _rng_file(trainer.world.rank)
     # Python's RNG state is a tuple of ints; numpy's holds an ndarray: not weights-only safe.
     _set_rng_state(torch.load(rng if rng.is_file() else path / "rng.pt", weights_only=False))
@@ -258,8 +264,12 @@ def _load_single_file(trainer: Trainer, path: Path) -> None:
     """The earlier format: whole state dicts saved by one process."""
     if trainer.world.distributed:
         raise ValueError(f"{path}: a single-process checkpoint (model.pt) loads in one process")
-    trainer.model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    trainer.model.load_state_dict(
+        torch.load(path / "model.pt", weights_only=True, map_location="cpu")
+    )
+    trainer.optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    )
 
 
 def load_latest(trainer: Trainer, root: str | Path) -> CheckpointInfo | None:

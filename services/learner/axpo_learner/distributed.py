@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -45,28 +45,50 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def distributed(self) -> bool:
         return self.size > 1
 
 
-def init_from_env() -> World:
+def resolve_device(setting: str, *, cuda_available: bool, local_rank: int = 0) -> torch.device:
+    """The device a learner process trains on (``LearnerSettings.device``): ``auto`` is
+    ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``cuda`` is
+    ``cuda:<local_rank>``; ``cpu`` and ``cuda:N`` are themselves. Asking for CUDA without it
+    is an error naming the setting.
+
+    >>> resolve_device("auto", cuda_available=False, local_rank=3)
+    device(type='cpu')
+    >>> resolve_device("auto", cuda_available=True, local_rank=3)
+    device(type='cuda', index=3)
+    """
+    if setting == "auto":
+        setting = "cuda" if cuda_available else "cpu"
+    if setting == "cpu":
+        return torch.device("cpu")
+    if not setting.startswith("cuda"):
+        raise ValueError(f"device: {setting!r} is not one of auto, cpu, cuda, cuda:N")
+    if not cuda_available:
+        raise ValueError(f"device: {setting!r} asked for, but CUDA is not available here")
+    return torch.device(setting if ":" in setting else f"cuda:{local_rank}")
+
+
+def init_from_env(device: str = "auto") -> World:
     """The process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): ``nccl`` with CUDA, else ``gloo``.
-    Without ``WORLD_SIZE`` > 1 nothing is initialised and a one-process world is returned."""
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and this process's device
+    (:func:`resolve_device`): ``nccl`` on a CUDA device, else ``gloo``. Without ``WORLD_SIZE``
+    > 1 no process group is initialised and a one-process world is returned."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    where = resolve_device(device, cuda_available=torch.cuda.is_available(), local_rank=local)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
     if size <= 1:
-        return World()
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
+        return World(device=where)
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local)
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, device=where)
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:

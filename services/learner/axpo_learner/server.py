@@ -128,7 +128,7 @@ def serve(settings: LearnerSettings, port_file: Path | None = None) -> None:
     ``port_file`` once the model is loaded and the server listens. Under torchrun: see the
     module docstring (only rank 0 serves, writes ``port_file`` and publishes)."""
     configure_logging(settings.log, service="learner")
-    world = distributed.init_from_env()
+    world = distributed.init_from_env(settings.device)
     try:
         if world.rank == 0:
             _serve_leader(settings, port_file)

@@ -80,9 +80,11 @@ class Trainer:
             raise ValueError("model: no checkpoint given")
         self.settings = settings
         self.spec = spec or AlgorithmSpec()
-        self.world = distributed.init_from_env()
+        self.world = distributed.init_from_env(settings.device)
+        self.device = self.world.device
         seed_everything(settings.seed)
         self.model, self.processor = load_policy(settings.model, settings.dtype)
+        self.model.to(self.device)  # before the reference copy and FSDP: both follow it
         self.reference = None
         if settings.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval()
@@ -133,7 +135,8 @@ class Trainer:
         parts: list[dict[str, float]] = []
         scale = distributed.grad_scale(self.world)
         weights: list[float] = []
-        for mb, live in distributed.share(batches, self.world):
+        for host_mb, live in distributed.share(batches, self.world):
+            mb = host_mb.to(self.device)
             logp, entropy = token_logprobs(self.model, mb, s.temperature)
             mask = mb.loss_mask[:, 1:]
             rollout = mb.rollout_logprobs[:, 1:]
