@@ -42,6 +42,8 @@ class Row:
     # for a text-only row.
     pixel_values: torch.Tensor | None = field(default=None, compare=False, repr=False)
     image_grid_thw: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # The policy version the group was sampled with (its oldest turn's).
+    policy_version: int = 0
 
 
 @dataclass
@@ -235,6 +237,7 @@ def rows_from_groups(
                 loss_mask=algorithm.loss_mask(t, mask_frozen_prefix=spec.mask_frozen_prefix),
                 rollout_logprobs=t.logprobs,
                 advantage=adv,
+                policy_version=g.policy_version,
             )
             if t.image_sha256:
                 if images is None:

@@ -5,7 +5,10 @@ masks from :mod:`axpo.algorithm`, micro-batches by token budget with gradient ac
 (the loss denominators are the whole step's, so the result does not depend on the budget),
 global gradient-norm clipping, AdamW. Every forward runs before the optimizer step, so the
 learner's logprobs are those of the pre-update policy; their mismatch with the rollout's
-logprobs is logged (``logprob_mismatch_mean``/``_max``: how stale weights show up).
+logprobs is logged (``logprob_mismatch_mean``/``_max``: how stale weights show up), and on the
+groups sampled by the very weights the learner holds (no lag) as ``mismatch_fresh_mean``/
+``_max``/``_k3`` over ``mismatch_fresh_tokens`` tokens (:class:`FreshMismatch`): what the
+inference engine and the learner disagree on when the weights are the same.
 Under torchrun the model is sharded with FSDP2 and each rank trains on its share of the
 micro-batches (:mod:`axpo_learner.distributed`); every rank must get the same groups.
 Trajectories with images are expanded and carry their pixels (:mod:`axpo_learner.batch`).
@@ -69,6 +72,45 @@ def token_logprobs(
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+class FreshMismatch:
+    """Inference-learner mismatch on the trained tokens of groups sampled by the policy the
+    learner holds now (no lag): sums over micro-batches, then :meth:`metrics`. For a token,
+    ``d = logprob_learner - logprob_rollout``; ``|d|`` (mean and max) and the k3 estimate of
+    KL(rollout || learner), ``exp(d) - 1 - d`` (mean; >= 0, 0 only when they agree)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0.0
+        self.abs_sum = 0.0
+        self.abs_max = 0.0
+        self.k3_sum = 0.0
+
+    def add(self, d: torch.Tensor, mask: torch.Tensor) -> None:
+        n = int(mask.sum().item())
+        if n == 0:
+            return
+        d = d[mask].double()
+        self.tokens += n
+        self.abs_sum += float(d.abs().sum().item())
+        self.abs_max = max(self.abs_max, float(d.abs().max().item()))
+        self.k3_sum += float((torch.expm1(d) - d).sum().item())
+
+    def merge(self, other: FreshMismatch) -> None:
+        self.tokens += other.tokens
+        self.abs_sum += other.abs_sum
+        self.abs_max = max(self.abs_max, other.abs_max)
+        self.k3_sum += other.k3_sum
+
+    def metrics(self) -> dict[str, float]:
+        out = {"mismatch_fresh_tokens": self.tokens}
+        if self.tokens:
+            out.update(
+                mismatch_fresh_mean=self.abs_sum / self.tokens,
+                mismatch_fresh_max=self.abs_max,
+                mismatch_fresh_k3=self.k3_sum / self.tokens,
+            )
+        return out
 
 
 class Trainer:
@@ -135,11 +177,16 @@ class Trainer:
         parts: list[dict[str, float]] = []
         scale = distributed.grad_scale(self.world)
         weights: list[float] = []
+        fresh = FreshMismatch()
         for host_mb, live in distributed.share(batches, self.world):
             mb = host_mb.to(self.device)
             logp, entropy = token_logprobs(self.model, mb, s.temperature)
             mask = mb.loss_mask[:, 1:]
             rollout = mb.rollout_logprobs[:, 1:]
+            if live:
+                no_lag = [r.policy_version == self.policy_version for r in mb.rows]
+                fresh_rows = torch.tensor(no_lag, dtype=torch.bool, device=mask.device)
+                fresh.add(logp.detach() - rollout, mask & fresh_rows[:, None])
             old = rollout if s.behavior_logprobs == "rollout" else logp.detach()
             ref = None
             if self.reference is not None:
@@ -167,14 +214,18 @@ class Trainer:
             parts.append(out.metrics)
             weights.append(out.metrics["tokens"])
         if self.world.distributed:
-            gathered = distributed.gather_object((parts, weights), self.world)
-            parts = [m for p, _ in gathered for m in p]
-            weights = [w for _, ws in gathered for w in ws]
+            gathered = distributed.gather_object((parts, weights, fresh), self.world)
+            parts = [m for p, _, _ in gathered for m in p]
+            weights = [w for _, ws, _ in gathered for w in ws]
+            fresh = FreshMismatch()
+            for _, _, f in gathered:
+                fresh.merge(f)
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         metrics = algorithm.mean_metrics(parts, weights)
+        metrics.update(fresh.metrics())
         metrics.update(
             grad_norm=grad_norm,
             lr=float(self.scheduler.get_last_lr()[0]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from axpo.settings.job import AlgorithmSpec
 from axpo.settings.learner import LearnerSettings
 from axpo.study.tiny_model import build_tiny_model
 from axpo_learner import checkpoint
+from axpo_learner.batch import rows_from_groups
 from axpo_learner.trainer import Trainer
 
 
@@ -127,3 +129,49 @@ def test_checkpoints_are_atomic_and_pruned(tiny, tmp_path):
     names = [p.name for p in checkpoint.list_checkpoints(root)]
     assert names == ["step-00000002", "step-00000003"]
     assert not (root / ".tmp-crashed").exists()
+
+
+def _with_version(groups: list[Group], version: int) -> list[Group]:
+    return [dataclasses.replace(g, policy_version=version) for g in groups]
+
+
+def _own_logprobs(t: Trainer, groups: list[Group]) -> list[Group]:
+    """The groups with rollout logprobs replaced by the learner's own (no mismatch at all)."""
+    out = []
+    for g in groups:
+        trajs = []
+        for traj in g.trajectories:
+            ids = torch.tensor([traj.token_ids])
+            with torch.no_grad():
+                logits = t.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            lp = torch.log_softmax(logits / t.settings.temperature, -1)
+            own = lp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
+            trajs.append(dataclasses.replace(traj, logprobs=(0.0, *own)))
+        out.append(dataclasses.replace(g, trajectories=tuple(trajs)))
+    return out
+
+
+def test_mismatch_is_measured_on_fresh_groups_only(tiny):
+    t = Trainer(settings(tiny))
+    groups = make_groups(0)
+    stale, fresh = _with_version(groups[:1], 7), _with_version(groups[1:], 0)
+    m = t.train_step(stale + fresh)
+    # Only the fresh group's trained tokens count: 4 rollouts of 4..11 generated tokens.
+    trained = sum(sum(r.loss_mask[1:]) for r in rows_from_groups(fresh, t.spec))
+    assert m["mismatch_fresh_tokens"] == trained > 0
+    # Rollout logprobs were -7 against the tiny model's ~log(1/1024): a small mismatch.
+    assert 0 < m["mismatch_fresh_mean"] <= m["mismatch_fresh_max"] < 1.5
+    assert m["mismatch_fresh_k3"] > 0
+
+    t.policy_version = 1  # as the loop sets it after publishing the step's weights
+    all_stale = t.train_step(_with_version(make_groups(1), 0))
+    assert all_stale["mismatch_fresh_tokens"] == 0
+    assert "mismatch_fresh_mean" not in all_stale
+
+
+def test_no_mismatch_when_rollouts_used_the_learners_own_logprobs(tiny):
+    t = Trainer(settings(tiny))
+    m = t.train_step(_own_logprobs(t, _with_version(make_groups(2), 0)))
+    assert m["mismatch_fresh_tokens"] > 0
+    assert m["mismatch_fresh_mean"] < 1e-4
+    assert m["mismatch_fresh_k3"] < 1e-6
