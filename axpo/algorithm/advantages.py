@@ -24,12 +24,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from axpo.contracts.domain import Group, Trajectory
-
-if TYPE_CHECKING:
-    pass
 
 Grouping = Literal["union", "per_prefix"]
 

@@ -7,13 +7,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from axpo.contracts.domain import Segment, SegmentKind, Trajectory
-
-if TYPE_CHECKING:
-    pass
-
 
 Anchor = Literal["first", "any"]
 Uncertainty = Literal["mean_entropy", "first_token_entropy", "neg_mean_logprob"]

@@ -86,15 +86,16 @@ class FreshMismatch:
         self.abs_max = 0.0
         self.k3_sum = 0.0
 
-    def add(self, d: torch.Tensor, mask: torch.Tensor) -> None:
+    def add(self, learner: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> None:
         n = int(mask.sum().item())
         if n == 0:
             return
-        d = d[mask].double()
+        learner, rollout = learner[mask].double(), rollout[mask].double()
+        d = (learner - rollout).abs()
         self.tokens += n
-        self.abs_sum += float(d.abs().sum().item())
-        self.abs_max = max(self.abs_max, float(d.abs().max().item()))
-        self.k3_sum += float((torch.expm1(d) - d).sum().item())
+        self.abs_sum += float(d.sum().item())
+        self.abs_max = max(self.abs_max, float(d.max().item()))
+        self.k3_sum += float(algorithm.k3_kl(rollout, learner).sum().item())
 
     def merge(self, other: FreshMismatch) -> None:
         self.tokens += other.tokens
@@ -123,10 +124,9 @@ class Trainer:
         self.settings = settings
         self.spec = spec or AlgorithmSpec()
         self.world = distributed.init_from_env(settings.device)
-        self.device = self.world.device
         seed_everything(settings.seed)
         self.model, self.processor = load_policy(settings.model, settings.dtype)
-        self.model.to(self.device)  # before the reference copy and FSDP: both follow it
+        self.model.to(self.world.device)  # before the reference copy and FSDP: both follow it
         self.reference = None
         if settings.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval()
@@ -179,14 +179,14 @@ class Trainer:
         weights: list[float] = []
         fresh = FreshMismatch()
         for host_mb, live in distributed.share(batches, self.world):
-            mb = host_mb.to(self.device)
+            mb = host_mb.to(self.world.device)
             logp, entropy = token_logprobs(self.model, mb, s.temperature)
             mask = mb.loss_mask[:, 1:]
             rollout = mb.rollout_logprobs[:, 1:]
             if live:
                 no_lag = [r.policy_version == self.policy_version for r in mb.rows]
                 fresh_rows = torch.tensor(no_lag, dtype=torch.bool, device=mask.device)
-                fresh.add(logp.detach() - rollout, mask & fresh_rows[:, None])
+                fresh.add(logp.detach(), rollout, mask & fresh_rows[:, None])
             old = rollout if s.behavior_logprobs == "rollout" else logp.detach()
             ref = None
             if self.reference is not None:

@@ -291,10 +291,7 @@ def _answer_is(visible: str) -> str | None:
         last = m
     if last is None:
         return None
-    return _after_answer_is(visible, last.end())
-
-
-def _after_answer_is(visible: str, pos: int) -> str | None:
+    pos = last.end()
     # the rest of the line, or the next non-empty line when the line ends here
     for _ in range(_MAX_HEADING_SKIP):
         nl = visible.find("\n", pos)

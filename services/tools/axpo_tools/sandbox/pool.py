@@ -135,7 +135,7 @@ class PythonSandbox:
     def worker_uids(self) -> tuple[int, ...]:
         """The unprivileged uids code runs as (two per slot, used in turn: the next request's
         child is prepared under one while the current request runs under the other)."""
-        return tuple(uid for w in self._workers for uid in w.uids)
+        return tuple(uid for w in self._workers for uid in w.zygote.uids)
 
     def wait_reaped(self, timeout: float = REAP_TIMEOUT_S) -> bool:
         """Wait until every finished run's processes are reaped; True when no process of any
@@ -239,7 +239,7 @@ class PythonSandbox:
             except (OSError, RuntimeError) as exc:
                 if self._closed:
                     raise RuntimeError("PythonSandbox is closed") from exc
-                _log().error("sandbox worker %d failed to start: %s", worker.index, exc)
+                _log().error("sandbox worker %d failed to start: %s", worker.zygote.index, exc)
                 break
             # A run answered before it was reaped is checked once reaped (Worker.settle).
             if (

@@ -74,14 +74,10 @@ class Worker:
         tmp_bytes: int,
         cgroups: MemoryCgroups | None,
     ) -> None:
-        self.index = index
-        self.uids = uids
         self.cgroups = cgroups
-        self.tmp_bytes = tmp_bytes
         self.last_uid: int | None = None
-        self.sandboxed = sandboxed
-        self.warm = warm
         cgroup = cgroups.paths[index] if cgroups else None
+        # The slot's index, uids, sandboxing and warmth live on its zygote link.
         self.zygote = ZygoteLink(index, uids, sandboxed, warm, tmp_bytes, cgroup)
         # The last run when it was answered before the zygote reported it reaped: (pid, uid).
         self.unreaped: tuple[int, int] | None = None
@@ -124,7 +120,9 @@ class Worker:
         try:
             while pid not in self.zygote.exits:
                 if not self.zygote.pump(deadline - time.monotonic()):
-                    _log().error("sandbox worker %d did not reap a run; replacing it", self.index)
+                    _log().error(
+                        "sandbox worker %d did not reap a run; replacing it", self.zygote.index
+                    )
                     self.kill()
                     break
         except WorkerDiedError:
@@ -144,7 +142,7 @@ class Worker:
         """
         proc = self.zygote.proc
         zygote = proc.pid if self.alive() and proc is not None else None
-        uids = (uid,) if uid is not None and zygote is not None else self.uids
+        uids = (uid,) if uid is not None and zygote is not None else self.zygote.uids
         if zygote is not None and uid is not None and self._group_clean(uid, zygote):
             return True
         if not any(quick_uid_pids(u) for u in uids):
@@ -174,7 +172,7 @@ class Worker:
         children. False: not known."""
         if self.cgroups is None:
             return False
-        pids = self.cgroups.pids(self.index)
+        pids = self.cgroups.pids(self.zygote.index)
         if pids is None:
             return False
         others = [pid for pid in pids if pid != zygote]
@@ -187,24 +185,24 @@ class Worker:
     ) -> RunResult:
         self.settle()
         self.last_uid = None
-        if not self.warm:
+        if not self.zygote.warm:
             self.spawn(wait_ready=False)
         elif not self.alive():
             raise WorkerDiedError
         if self.cgroups is not None:
             cap = limits.memory_bytes + limits.tmp_bytes + _CGROUP_ALLOWANCE
-            self.cgroups.set_limit([self.index], cap)
+            self.cgroups.set_limit([self.zygote.index], cap)
         try:
             return self._run(code, files, limits, t0)
         finally:
-            if not self.warm:
+            if not self.zygote.warm:
                 self.stop()  # the one-shot zygote exits once it has reaped its child
                 self.unreaped = None
 
     def _run(
         self, code: str, files: list[tuple[str, bytes]], limits: SandboxLimits, t0: int
     ) -> RunResult:
-        setup_timeout = _SETUP_TIMEOUT_WARM_S if self.warm else _SETUP_TIMEOUT_COLD_S
+        setup_timeout = _SETUP_TIMEOUT_WARM_S if self.zygote.warm else _SETUP_TIMEOUT_COLD_S
         deadline = time.monotonic() + setup_timeout
         header = _header(limits)
         out_r, out_w = os.pipe()
@@ -224,7 +222,7 @@ class Worker:
                     failure = f"sandbox setup failed: {exc}"
                     break
                 except TimeoutError:
-                    _log().error("sandbox worker %d prepared no child in time", self.index)
+                    _log().error("sandbox worker %d prepared no child in time", self.zygote.index)
                     self.kill()
                     failure = "the sandbox worker died before the code started"
                     break
@@ -255,7 +253,9 @@ class Worker:
             seen = watch_run(self.zygote, spare, limits, t_go, pending, out_r, err_r, body_w)
             if seen.unreaped:
                 self.unreaped = (spare.pid, spare.uid)  # still watched
-            oom_killed = bool(self.cgroups and seen.result and self.cgroups.oom_killed(self.index))
+            oom_killed = bool(
+                self.cgroups and seen.result and self.cgroups.oom_killed(self.zygote.index)
+            )
             return run_result(
                 t0,
                 limits,
@@ -270,4 +270,4 @@ class Worker:
                 oom_killed=oom_killed,
             )
         finally:
-            spare.close(self.sandboxed)
+            spare.close(self.zygote.sandboxed)
