@@ -51,6 +51,8 @@ the denominator is emitted alongside so a reader can tell "none" from "0%"):
   groups of the rollout worker's seconds in phase ``generate``, ``tools``, ``verify`` and
   ``total`` (:meth:`~axpo.contracts.domain.Group.timing`; an unrecorded phase counts as 0).
 - ``response_tokens_mean``: mean model-written tokens per original rollout.
+- ``generated_tokens``: tokens the model sampled this step, originals and resamples (a
+  resample's frozen prefix not counted): the compute a study compares arms on.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ DIAGNOSTIC_HELP: dict[str, str] = {
     "time.verify_s": "Mean seconds per group the rollout worker spent verifying.",
     "time.rollout_s": "Mean seconds per group of the whole rollout (worker total).",
     "response_tokens_mean": "Mean model-written tokens per original rollout.",
+    "generated_tokens": "Tokens sampled this step, originals and resamples (frozen prefixes not "
+    "counted).",
 }
 
 DIAGNOSTIC_KEYS: tuple[str, ...] = tuple(DIAGNOSTIC_HELP)
@@ -217,6 +221,7 @@ def step_diagnostics(groups: Sequence[Group], *, learner_version: int) -> dict[s
             for key, phase in TIME_PHASES
         },
         "response_tokens_mean": _ratio(original_tokens, len(originals)),
+        "generated_tokens": float(original_tokens + resample_tokens),
     }
     assert tuple(out) == DIAGNOSTIC_KEYS, "DIAGNOSTIC_HELP and step_diagnostics disagree"
     return out

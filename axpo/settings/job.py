@@ -70,20 +70,49 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+FamilyName = Literal["colour_cell", "arith", "town_facts", "zoom_digits"]
+
+
 class TaskSpec(BaseModel):
     """The questions a job trains on (``axpo.study.tasks``: procedurally generated, seeded)."""
 
     model_config = MODEL_CONFIG
 
-    family: Literal["zoom_digits"] = "zoom_digits"
-    """Task family. ``zoom_digits``: an image with a small boxed number among distractors;
-    which choice is the number? Zooming into the box makes it legible."""
+    family: FamilyName | list[FamilyName] = "zoom_digits"
+    """Task family, or a list of families that take turns. ``colour_cell``: the colour of a
+    grid cell, seen only by zooming in; ``arith``: a product computed with ``python``;
+    ``town_facts``: a year looked up with ``search``; ``zoom_digits``: a small boxed number
+    among distractors (which choice is it?)."""
+    split: Literal["train", "heldout"] = "train"
+    """Which seeds: ``train`` (0 .. 999,999) or ``heldout`` (from 1,000,000); the families keep
+    the two splits' content apart."""
     count: Annotated[int, Field(ge=1)] = 256
-    """Questions in the training set (seeds ``seed .. seed+count-1``), cycled in order."""
+    """Questions per family (seeds ``seed .. seed+count-1`` of the split), cycled in order."""
     seed: int = 0
-    """First task seed."""
+    """First task seed within the split."""
     image_size: Annotated[int, Field(ge=64, le=4096)] = 256
-    """Side of the square question image in pixels (a multiple of 32 avoids resizing)."""
+    """Side of the square question image in pixels (a multiple of 32 avoids resizing;
+    ``colour_cell`` needs a multiple of 128)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskSpec:
+        names = self.family_names()
+        if not names:
+            raise ValueError("family: give at least one family")
+        if len(set(names)) != len(names):
+            raise ValueError(f"family: {names} names a family twice")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.split == "train" and self.seed + self.count > 1_000_000:
+            raise ValueError("seed + count must stay below 1,000,000 (the held-out seeds)")
+        if "colour_cell" in names and self.image_size % 128:
+            raise ValueError(
+                f"colour_cell needs image_size a multiple of 128, got {self.image_size}"
+            )
+        return self
+
+    def family_names(self) -> list[str]:
+        return [self.family] if isinstance(self.family, str) else list(self.family)
 
 
 class RolloutSpec(BaseModel):
@@ -166,6 +195,37 @@ class RunSpec(BaseModel):
         return self
 
 
+class EvalSpec(BaseModel):
+    """Held-out evaluation of the final policy (``axpo run``), through the same services:
+    ``n`` samples per question, Pass@k and tool-use rates per family (``axpo eval``)."""
+
+    model_config = MODEL_CONFIG
+
+    family: FamilyName | list[FamilyName] | None = None
+    """Families to evaluate; unset: the job's ``tasks.family``."""
+    split: Literal["train", "heldout"] = "heldout"
+    """Which seeds (``heldout``: questions the job never trains on)."""
+    questions: Annotated[int, Field(ge=1)] = 16
+    """Questions per family."""
+    n: Annotated[int, Field(ge=1)] = 4
+    """Samples per question."""
+    k: list[Annotated[int, Field(ge=1)]] = [1, 4]
+    """Pass@k for these k (each at most ``n``)."""
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    """Sampling temperature; unset: the job's ``rollout.temperature``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalSpec:
+        if not self.k or max(self.k) > self.n:
+            raise ValueError(f"k {self.k} must be non-empty with every k <= n ({self.n})")
+        return self
+
+    def family_names(self, tasks: TaskSpec) -> list[str]:
+        if self.family is None:
+            return tasks.family_names()
+        return [self.family] if isinstance(self.family, str) else list(self.family)
+
+
 class JobSpec(BaseModel):
     """A training job, as written in a YAML file under configs/."""
 
@@ -191,6 +251,9 @@ class JobSpec(BaseModel):
     """The agent loop and its sampling."""
     run: RunSpec = RunSpec()
     """Local processes for ``axpo run``."""
+    eval: EvalSpec | None = None
+    """Evaluate the final policy after the last step (``axpo run`` writes ``eval.json`` and
+    ``eval.jsonl`` in the run folder); unset: no evaluation."""
 
 
 class JobSpecError(ValueError):

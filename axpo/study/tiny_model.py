@@ -136,7 +136,7 @@ def _generation_config(token_ids: dict[str, int]) -> Any:
     )
 
 
-def _save_processor(out_dir: Path) -> None:
+def _save_processor(out_dir: Path, max_pixels: int = MAX_PIXELS) -> None:
     """Load the tokenizer as transformers does and save it with Qwen3-VL's image and video
     processors as one Qwen3VLProcessor (chat template included)."""
     from transformers import (
@@ -148,7 +148,7 @@ def _save_processor(out_dir: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     tokenizer.chat_template = CHAT_TEMPLATE
-    pixels = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    pixels = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
     common = {
         "patch_size": VISION_CONFIG["patch_size"],
         "temporal_patch_size": VISION_CONFIG["temporal_patch_size"],
@@ -177,27 +177,34 @@ def build_tiny_model(
     *,
     tie_word_embeddings: bool = False,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    max_pixels: int = MAX_PIXELS,
 ) -> Path:
     """Build a random-init tiny Qwen3-VL checkpoint in ``out_dir`` (created) and return it.
 
     Deterministic: the same ``seed`` and options give byte-identical weights and tokenizer.
     The tokenizer does not depend on ``seed``. With ``tie_word_embeddings`` the output layer
     shares the input embedding (as small real Qwen checkpoints do) and the file has no
-    separate ``lm_head`` tensor.
+    separate ``lm_head`` tensor. ``max_pixels`` is the image processor's pixel budget: larger
+    images are downscaled before the model sees them (as with a real checkpoint's budget), which
+    is what makes zooming into the original worthwhile.
     """
+    if not MIN_PIXELS <= max_pixels <= MAX_PIXELS:
+        raise ValueError(f"max_pixels must be in [{MIN_PIXELS}, {MAX_PIXELS}], got {max_pixels}")
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise here
     try:
-        _build(out_dir, seed, tie_word_embeddings, vocab_size)
+        _build(out_dir, seed, tie_word_embeddings, vocab_size, max_pixels)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     return out_dir
 
 
-def _build(out_dir: Path, seed: int, tie_word_embeddings: bool, vocab_size: int) -> None:
+def _build(
+    out_dir: Path, seed: int, tie_word_embeddings: bool, vocab_size: int, max_pixels: int
+) -> None:
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -205,7 +212,7 @@ def _build(out_dir: Path, seed: int, tie_word_embeddings: bool, vocab_size: int)
     tokenizer = build_tokenizer(vocab_size)
     token_ids = {t: tokenizer.token_to_id(t) for t in (*SPECIAL_TOKENS, *TAG_TOKENS)}
     _write_tokenizer(tokenizer, out_dir)
-    _save_processor(out_dir)
+    _save_processor(out_dir, max_pixels)
 
     # The embedding has vocab_size rows even where BPE learned fewer tokens (unused rows, as
     # in real Qwen checkpoints whose embedding is larger than their tokenizer).

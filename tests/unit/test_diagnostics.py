@@ -158,6 +158,7 @@ def test_mixed_step(mixed_step: list[Group]) -> None:
         "time.verify_s": 1.0,
         "time.rollout_s": 6.0,
         "response_tokens_mean": 41 / 7,
+        "generated_tokens": 56.0,  # 41 original + 15 resampled (resample_token_share 15 / 56)
     }
     assert set(d) == set(expected) == set(DIAGNOSTIC_HELP)
     assert all(type(v) is float for v in d.values())

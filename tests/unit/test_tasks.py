@@ -82,9 +82,11 @@ def test_box_is_inside_the_image_and_small_and_visible(seed: int) -> None:
 
 
 def test_unknown_family_and_bad_size() -> None:
-    with pytest.raises(ValueError, match=r"unknown task family 'nope'; known: zoom_digits"):
+    with pytest.raises(
+        ValueError, match=r"unknown task family 'nope'; known: arith, colour_cell, town_facts"
+    ):
         generate_task("nope", 0, SIZE)
-    assert families() == ("zoom_digits",)
+    assert families() == ("arith", "colour_cell", "town_facts", "zoom_digits")
     with pytest.raises(ValueError, match="image_size"):
         generate_task("zoom_digits", 0, 16)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -55,11 +54,10 @@ from axpo.contracts.domain import (
     ToolResult,
     Trajectory,
 )
-from axpo.local.processes import Processes, settings_env
-from axpo.settings.base import RpcClientSettings
 from axpo.settings.job import JobSpec, load_job_spec
 from axpo.study.tasks import Task, generate_task
 from axpo_rollout.agent import AgentLoop, Backend, CancelToken, Vocab
+from axpo_rollout.services import local_services
 from axpo_rollout.worker import QuestionSlots
 
 __all__ = ["DEFINITIONS", "print_table", "run"]
@@ -210,7 +208,8 @@ def _run_batch(
 
     def one(task: Task) -> Group:
         key = f"{label}-{task.task_id}"
-        calls.by_image[task.image.sha256] = key
+        for image in task.images:
+            calls.by_image[image.sha256] = key
         calls.local.key = key
         with order:  # questions take places in task order
             ticket = slots.start()
@@ -305,32 +304,9 @@ def run(
 
             model = build_tiny_model(run_dir / "tiny", seed=0)
             model_name = "tiny Qwen3-VL, random init (axpo model tiny, seed 0; no warm start found)"
-        procs = Processes(run_dir.resolve(), out=sys.stderr)
-        backend = None
-        try:
-            verifier = procs.start("verifier", "verifier", {})
-            tools = procs.start("tools", "tools", settings_env("AXPO_TOOLS_", spec.run.tools))
-            inference = procs.start(
-                "inference",
-                "inference",
-                {
-                    **settings_env("AXPO_INFERENCE_", spec.run.inference),
-                    "AXPO_INFERENCE_MODEL": str(model),
-                    "AXPO_INFERENCE_SEED": str(spec.seed),
-                },
-            )
-            started = time.perf_counter()
-            procs.wait_ready([verifier, tools, inference], spec.run.startup_timeout_s)
-            startup_s = time.perf_counter() - started
-
-            from axpo_rollout.clients import GrpcBackend
-
-            def target(child: Any, deadline_s: float) -> RpcClientSettings:
-                return RpcClientSettings(target=f"127.0.0.1:{child.port}", deadline_s=deadline_s)
-
-            backend = GrpcBackend(
-                target(inference, 600.0), target(tools, 120.0), target(verifier, 120.0)
-            )
+        with local_services(spec, model, run_dir) as services:
+            startup_s = services.startup_s
+            backend = services.backend
             calls = _Calls()
             timed = _TimedBackend(backend, calls)
             vocab = Vocab(model)
@@ -377,10 +353,6 @@ def run(
             used = speculative.speculation.used - before.used
             cancelled = speculative.speculation.cancelled - before.cancelled
             a, g, q = (min(batches[k], key=lambda b: b.wall_s) for k in ("axpo", "grpo", "spec"))
-        finally:
-            if backend is not None:
-                backend.close()
-            procs.stop_all()
 
     grpo_trajs = [t for grp in g.groups for t in grp.trajectories]
     axpo_trajs = [t for grp in a.groups for t in grp.trajectories]

@@ -118,11 +118,15 @@ class RolloutRunner:
         )
 
     def initial_state(self, task: Task) -> RolloutState:
+        images = list(task.images)  # none for a text-only question
         text = chat.render_prompt(
-            self.spec.rollout.system_prompt, self.openai_tools, task.question, image_count=1
+            self.spec.rollout.system_prompt,
+            self.openai_tools,
+            task.question,
+            image_count=len(images),
         )
         ids = self.vocab.encode(text)
-        state = RolloutState([], [], [], [], [], [task.image], prompt_length=len(ids))
+        state = RolloutState([], [], [], [], [], images, prompt_length=len(ids))
         state.append(SegmentKind.PROMPT, ids)
         return state
 
