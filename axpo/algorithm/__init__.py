@@ -9,6 +9,7 @@ whole algorithm):
 - :mod:`~axpo.algorithm.selection`: AXPO's condition, candidate prefixes, uncertainty, keep-rho.
 - :mod:`~axpo.algorithm.loss`: the loss mask and the clipped policy loss with its aggregations.
 - :mod:`~axpo.algorithm.diagnostics`: per-step statistics of the rollouts a step consumed.
+- :mod:`~axpo.algorithm.pass_at_k`: the unbiased pass@k estimator of an evaluation.
 
 The names below are the package's API; callers write ``from axpo import algorithm`` and
 ``algorithm.needs_resampling(...)``.
@@ -32,6 +33,7 @@ from axpo.algorithm.loss import (
     mean_metrics,
     policy_loss,
 )
+from axpo.algorithm.pass_at_k import mean_pass_at_k, pass_at_k
 from axpo.algorithm.selection import (
     Anchor,
     PrefixCandidate,
@@ -61,8 +63,10 @@ __all__ = [
     "loss_denominator",
     "loss_mask",
     "mean_metrics",
+    "mean_pass_at_k",
     "needs_resampling",
     "normalized_advantages",
+    "pass_at_k",
     "policy_loss",
     "prefix_candidates",
     "resample_counts",
