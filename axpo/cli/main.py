@@ -16,9 +16,12 @@ from pathlib import Path
 from axpo import __version__
 from axpo.cli.bench import cmd_bench
 from axpo.cli.common import EXIT_USAGE, SERVICES, UsageError
+from axpo.cli.evaluate import add_parser as add_eval_parser
 from axpo.cli.jobs import cmd_job_check, cmd_run
 from axpo.cli.model import cmd_model_tiny, cmd_model_warm_start
 from axpo.cli.serve import cmd_serve
+from axpo.cli.sft import add_parser as add_sft_parser
+from axpo.cli.study import add_parsers as add_study_parsers
 from axpo.cli.tool import cmd_tool
 from axpo.cli.verify import cmd_verify
 
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=cmd_bench)
 
+    add_eval_parser(sub)
+
     tool = sub.add_parser("tool", help="list the tools or call one (in-process or --server)")
     tool_sub = tool.add_subparsers(dest="tool_command", required=True, metavar="ACTION")
     tool_list = tool_sub.add_parser("list", help="print the tools' JSON Schemas")
@@ -159,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="share the input embedding with the output layer (as small real Qwen models do)",
     )
+    tiny.add_argument(
+        "--max-pixels",
+        type=int,
+        default=512 * 512,
+        help="image processor pixel budget: larger images are downscaled (default 262144)",
+    )
     tiny.set_defaults(handler=cmd_model_tiny)
     warm = model_sub.add_parser(
         "warm-start",
@@ -174,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--image-size", type=int, default=256, help="task image side in pixels")
     warm.add_argument("--tasks", type=int, default=256, help="distinct tasks (default 256)")
     warm.set_defaults(handler=cmd_model_warm_start)
+    add_sft_parser(sub)
+    add_study_parsers(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""``axpo model tiny`` and ``axpo model warm-start``: build the tiny checkpoint, warm it up."""
+"""``axpo model tiny`` and ``axpo model warm-start``: build the tiny checkpoint, warm it up
+(a short ``axpo sft`` on generated demonstrations, with its progress bar)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
     from axpo.contracts.domain import Image, ToolCall, ToolResult
 
 from axpo.cli.common import EXIT_OK, UsageError, load_service
+from axpo.cli.sft import StepBar
 
 
 def cmd_model_tiny(args: argparse.Namespace) -> int:
@@ -18,8 +20,13 @@ def cmd_model_tiny(args: argparse.Namespace) -> int:
         from axpo.study import tiny_model
 
         out = tiny_model.build_tiny_model(
-            args.out, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings
+            args.out,
+            seed=args.seed,
+            tie_word_embeddings=args.tie_word_embeddings,
+            max_pixels=args.max_pixels,
         )
+    except ValueError as exc:
+        raise UsageError(f"model tiny: {exc}") from exc
     except ModuleNotFoundError as exc:
         if exc.name is not None and exc.name.split(".")[0] in {
             "torch",
@@ -55,6 +62,8 @@ def cmd_model_warm_start(args: argparse.Namespace) -> int:
         result: ToolResult = toolbox.call(call, images)
         return result
 
+    sft_format = load_service("learner", "sft.format")
+    bar = StepBar("warm start")
     try:
         metrics = warmstart.warm_start(
             args.model,
@@ -65,8 +74,12 @@ def cmd_model_warm_start(args: argparse.Namespace) -> int:
             system_prompt=DEFAULT_SYSTEM_PROMPT,
             steps=args.steps,
             seed=args.seed,
+            on_step=bar,
         )
+    except sft_format.SftInputError as exc:
+        raise UsageError(f"model warm-start: {exc}") from exc
     finally:
+        bar.close()
         toolbox.close()
     print(json.dumps(metrics))
     return EXIT_OK

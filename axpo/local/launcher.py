@@ -14,8 +14,11 @@ What it does, in order:
 4. Feeds questions (``axpo.study.tasks.task_data``) onto the prompts stream, keeping
    ``max_prompt_backlog`` ahead of the workers, and shows live progress from the learner's
    ``metrics.jsonl`` (step, reward, accuracy, tool-call rate, all-wrong rate, ETA).
-5. When the learner exits after ``steps`` steps: stops the workers and services (SIGTERM,
-   then SIGKILL after a grace period), stops Redis, writes ``report.md`` with plots.
+5. When the learner exits after ``steps`` steps: with the job's ``eval``, stops the workers
+   and evaluates the final policy through the same services (``axpo eval`` on their
+   addresses: ``eval.json``, ``eval.jsonl``; with ``eval.before``, the starting policy too,
+   before training: ``eval-before.*``); stops the services (SIGTERM, then SIGKILL after a
+   grace period) and Redis, writes ``report.md`` with plots.
 
 Ctrl-C (SIGINT) or SIGTERM at any point stops every process the same way and exits 130/143;
 children also get SIGKILL from the kernel if the launcher itself dies (``PR_SET_PDEATHSIG``),
@@ -103,6 +106,7 @@ class Launcher:
             "job_spec": str(self.spec_path.resolve()),
             "queue": queue_env,
             "checkpoint_dir": str(self.run_dir / "checkpoints"),
+            "export_dir": str(self.run_dir / "final-model"),
             "publish_dir": str(self.run_dir / "publish"),
             "inference_targets": [target(inference, 600.0)],
             "metrics_path": str(metrics_path),
@@ -118,6 +122,8 @@ class Launcher:
         every = int(learner_values["checkpoint_every"])
         backlog = spec.questions_per_step * (every + 2)
         learner_values["queue"] = {**queue_env, "max_backlog": backlog}
+        if spec.eval is not None and spec.eval.before:
+            self._evaluate(model, inference, tools, verifier, name="eval-before")
         self.procs.say("starting learner and rollout workers ...")
         learner = self.procs.start(
             "learner", "learner", settings_env("AXPO_LEARNER_", learner_values)
@@ -140,6 +146,12 @@ class Launcher:
         ready_s = time.monotonic() - started
         self.procs.say(f"all services ready in {ready_s:.0f} s; training {spec.steps} steps")
         records = self._train(queue, learner, metrics_path, progress)
+        evaluation = None
+        if spec.eval is not None:
+            # The inference service holds the final weights: evaluate them through the same
+            # services, with the workers stopped so nothing else samples meanwhile.
+            self.procs.stop([*workers, learner])
+            evaluation = self._evaluate(model, inference, tools, verifier)
         self.procs.stop_all()
         client.close()
         summary = {
@@ -149,9 +161,98 @@ class Launcher:
             "wall_s": round(time.monotonic() - started, 1),
             "metrics": str(metrics_path),
         }
+        if evaluation is not None:
+            summary["eval"] = str(self.run_dir / "eval.json")
         summary["report"] = str(self._report())
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _evaluate(
+        self, model: Path, inference: Child, tools: Child, verifier: Child, name: str = "eval"
+    ) -> dict[str, Any]:
+        """``axpo eval`` on the running services (the job's ``eval``), with whatever weights
+        the inference service holds: writes ``<name>.json`` (the summary) and ``<name>.jsonl``
+        (per question) in the run folder."""
+        e = self.spec.eval
+        assert e is not None
+        families = e.family_names(self.spec.tasks)
+        self.procs.say(
+            f"{name}: evaluating {'the final' if name == 'eval' else 'the starting'} policy on "
+            f"{e.questions} {e.split} questions per family "
+            f"({', '.join(families)}), {e.n} samples each ..."
+        )
+        cmd = [
+            self.python,
+            "-m",
+            "axpo",
+            "eval",
+            "--inference",
+            f"127.0.0.1:{inference.port}",
+            "--tools",
+            f"127.0.0.1:{tools.port}",
+            "--verifier",
+            f"127.0.0.1:{verifier.port}",
+            "--model",
+            str(model.resolve()),
+            "--config",
+            str(self.run_dir / "config.yaml"),
+            "--tasks",
+            ",".join(families),
+            "--split",
+            e.split,
+            "--questions",
+            str(e.questions),
+            "--n",
+            str(e.n),
+            "--k",
+            ",".join(map(str, e.k)),
+            "--out",
+            str(self.run_dir / f"{name}.jsonl"),
+            "--json",
+        ]
+        if e.temperature is not None:
+            cmd += ["--temperature", str(e.temperature)]
+        log = self.run_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as err:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
+        if proc.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            raise RunError(f"the final evaluation failed (exit {proc.returncode}); {log}:\n{tail}")
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            raise RunError(f"the final evaluation printed no JSON; see {log}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        (self.run_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    def _sft(self, base: Path, model: Path) -> None:
+        """Demonstrations of the job's families (``axpo demos``), then ``axpo sft`` from
+        ``base`` into ``model``."""
+        run = self.spec.run
+        families = ",".join(self.spec.tasks.family_names())
+        demos = model.with_name(model.name + "-demos") / "demos.jsonl"
+        self.procs.say(f"writing {run.demos.per_family} demonstrations per family ({families})")
+        _check_call(
+            [
+                *(self.python, "-m", "axpo", "demos", "--config", str(self.spec_path)),
+                *("--families", families, "--per-family", str(run.demos.per_family)),
+                *("--tool-rate", str(run.demos.tool_rate), "--seed", str(run.demos.seed)),
+                *("--out", str(demos)),
+            ]
+        )
+        self.procs.say(f"SFT: {run.sft.steps} steps of {run.sft.batch_size} demonstrations ...")
+        tmp = model.with_name(model.name + ".partial")
+        _check_call(
+            [
+                *(self.python, "-m", "axpo", "sft", "--model", str(base), "--data", str(demos)),
+                *("--out", str(tmp), "--steps", str(run.sft.steps)),
+                *("--batch-size", str(run.sft.batch_size), "--lr", str(run.sft.lr)),
+                *("--seed", str(run.sft.seed), "--json"),
+                *(["--train-vision"] if run.sft.train_vision else []),
+            ]
+        )
+        tmp.rename(model)  # complete or absent
 
     def _prepare_model(self, model: Path) -> None:
         how = self.spec.run.prepare_model
@@ -162,7 +263,15 @@ class Launcher:
         self.procs.say(f"building the tiny model at {model} ...")
         base = model if how == "tiny" else model.with_name(model.name + "-base")
         if not base.is_dir():
-            _check_call([self.python, "-m", "axpo", "model", "tiny", "--out", str(base)])
+            pixels = self.spec.run.tiny_max_pixels if how == "tiny-sft" else 512 * 512
+            _check_call(
+                [
+                    *(self.python, "-m", "axpo", "model", "tiny", "--out", str(base)),
+                    *("--max-pixels", str(pixels)),
+                ]
+            )
+        if how == "tiny-sft":
+            self._sft(base, model)
         if how == "tiny-warm-start":
             self.procs.say(f"warm-starting it ({self.spec.run.warm_start_steps} steps) ...")
             tmp = model.with_name(model.name + ".partial")

@@ -165,6 +165,23 @@ class Processes:
             finally:
                 channel.close()
 
+    def stop(self, children: Sequence[Child]) -> None:
+        """SIGTERM ``children`` together, then SIGKILL (their process group) whatever has not
+        exited after ``grace_s`` seconds."""
+        for child in children:
+            if child.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for child in children:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say(f"{child.name} did not stop in {self.grace_s:.0f} s: killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+
     def stop_all(self) -> None:
         """Stop every child in stages: rollout workers (they finish the questions in flight
         while the services still answer), the learner, the tool server and verifier, the
@@ -175,19 +192,7 @@ class Processes:
         for child in self.children:
             stages.setdefault(_STOP_ORDER.get(child.name.split("-")[0], 5), []).append(child)
         for _, stage in sorted(stages.items()):
-            for child in stage:
-                if child.proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.grace_s
-            for child in stage:
-                try:
-                    child.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    self.say(f"{child.name} did not stop in {self.grace_s:.0f} s: killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(child.proc.pid, signal.SIGKILL)
-                    child.proc.wait()
+            self.stop(stage)
         for child in self.children:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.proc.pid, signal.SIGKILL)

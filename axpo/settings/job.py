@@ -156,6 +156,37 @@ class RolloutSpec(BaseModel):
         )
 
 
+class DemosSpec(BaseModel):
+    """The SFT demonstrations (``axpo demos``): train-split questions solved with and without
+    tools."""
+
+    model_config = MODEL_CONFIG
+
+    per_family: Annotated[int, Field(ge=1)] = 400
+    """Demonstrations per family."""
+    tool_rate: Annotated[float, Field(ge=0, le=1)] = 0.7
+    """Share of demonstrations that call the tool; the rest answer directly with a guess."""
+    seed: int = 0
+    """Which train seeds and which demonstrations use the tool."""
+
+
+class SftSpec(BaseModel):
+    """``axpo sft`` on the demonstrations."""
+
+    model_config = MODEL_CONFIG
+
+    steps: Annotated[int, Field(ge=1)] = 300
+    """Optimizer steps."""
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    """Demonstrations per step."""
+    lr: Annotated[float, Field(gt=0)] = 2e-3
+    """Peak learning rate (warmup, then cosine decay)."""
+    seed: int = 0
+    """Seed of the data order."""
+    train_vision: bool = True
+    """Train the vision tower too (the tiny model's is random: it must learn to see)."""
+
+
 class RunSpec(BaseModel):
     """``axpo run``: the local processes and their settings (environment-style overrides)."""
 
@@ -171,10 +202,18 @@ class RunSpec(BaseModel):
     """``LearnerSettings`` fields for the learner (e.g. ``lr``, ``micro_batch_tokens``)."""
     startup_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     """How long the services may take to become healthy."""
-    prepare_model: Literal["none", "tiny", "tiny-warm-start"] = "none"
+    prepare_model: Literal["none", "tiny", "tiny-warm-start", "tiny-sft"] = "none"
     """When ``model`` is a directory that does not exist yet: ``tiny`` builds the tiny random
     checkpoint there (``axpo model tiny``), ``tiny-warm-start`` also gives it a short
-    supervised warm start on the job's tasks (``axpo model warm-start``); ``none`` fails."""
+    supervised warm start on the job's tasks (``axpo model warm-start``), ``tiny-sft`` builds
+    it with ``tiny_max_pixels`` and runs the SFT stage on demonstrations of the job's families
+    (``axpo demos`` with ``demos``, then ``axpo sft`` with ``sft``); ``none`` fails."""
+    tiny_max_pixels: Annotated[int, Field(ge=1024, le=512 * 512)] = 512 * 512
+    """The tiny model's image pixel budget (``prepare_model: tiny-sft``)."""
+    demos: DemosSpec = DemosSpec()
+    """SFT demonstrations (``prepare_model: tiny-sft``)."""
+    sft: SftSpec = SftSpec()
+    """The SFT stage (``prepare_model: tiny-sft``)."""
     warm_start_steps: Annotated[int, Field(ge=1)] = 200
     """Optimizer steps of the warm start (``prepare_model: tiny-warm-start``)."""
     max_prompt_backlog: Annotated[int, Field(ge=1)] | None = None
@@ -213,6 +252,8 @@ class EvalSpec(BaseModel):
     """Pass@k for these k (each at most ``n``)."""
     temperature: Annotated[float, Field(gt=0)] | None = None
     """Sampling temperature; unset: the job's ``rollout.temperature``."""
+    before: bool = False
+    """Also evaluate the starting policy, before the first step (``eval-before.json``)."""
 
     @model_validator(mode="after")
     def _check(self) -> EvalSpec:

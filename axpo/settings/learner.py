@@ -72,6 +72,11 @@ class LearnerSettings(BaseSettings):
     compare with the engine's processed logprobs."""
     checkpoint_dir: str = ""
     """Directory of the learner's checkpoints (``step-<n>`` subdirectories); empty: none."""
+    export_dir: str = ""
+    """When set, after the last step (``max_steps``) the trained policy is written here as a
+    complete HF checkpoint (the input ``model``'s dtype and every non-weight file of its
+    directory; written atomically), loadable by transformers and vLLM; ``model`` must then be
+    a local directory. Empty: no export."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 10
     """Checkpoint every this many optimizer steps."""
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2

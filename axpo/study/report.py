@@ -172,6 +172,46 @@ def _code_block(text: str) -> str:
     return f"{fence}\n{text.rstrip()}\n{fence}"
 
 
+EVAL_KEYS = (
+    "accuracy",
+    "tool_call_rate",
+    "tool_call_valid_rate",
+    "accuracy_with_tools",
+    "accuracy_without_tools",
+)
+
+
+def _eval_section(run_dir: Path) -> list[str]:
+    """The held-out evaluation (``eval-before.json`` / ``eval.json``, written by ``axpo run``
+    with the job's ``eval``): one row per family and overall, before and after training."""
+    found = [
+        (label, json.loads((run_dir / name).read_text()))
+        for label, name in (("before", "eval-before.json"), ("after", "eval.json"))
+        if (run_dir / name).is_file()
+    ]
+    if not found:
+        return []
+    ks = sorted({k for _, e in found for k in e if k.startswith("pass_at_")})
+    keys = [*ks, *EVAL_KEYS]
+    first = found[0][1]
+    lines = [
+        "",
+        "## Held-out evaluation",
+        "",
+        f"{first.get('questions', '?')} {first.get('split', '')} questions, "
+        f"n = {first.get('n', '?')} samples each (``axpo eval``; Pass@k unbiased from n).",
+        "",
+        "| policy | family | " + " | ".join(f"`{k}`" for k in keys) + " |",
+        "|---|---|" + "---:|" * len(keys),
+    ]
+    for label, summary in found:
+        rows = [*summary.get("families", {}).items(), ("all", summary)]
+        for family, row in rows:
+            cells = [_fmt(v) if (v := _number(row.get(k))) is not None else "—" for k in keys]
+            lines.append(f"| {label} | {family} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(run_dir: Path, *, title: str, config_text: str = "") -> Path:
     """Write ``run_dir/plots/<plot>.png`` and ``run_dir/report.md`` from
     ``run_dir/metrics.jsonl``; returns the report's path.
@@ -202,6 +242,7 @@ def write_report(run_dir: Path, *, title: str, config_text: str = "") -> Path:
             cells = ["—", "—", "—", "0"]
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
 
+    lines += _eval_section(run_dir)
     lines += ["", "## Plots", ""]
     for plot in PLOTS:
         png = plots_dir / f"{plot.name}.png"

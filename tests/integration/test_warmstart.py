@@ -1,15 +1,13 @@
-"""axpo_learner.warmstart on the tiny model: demonstrations render like rollouts, the loss
-covers only the model's spans, the shared-prefix loss equals the full-row loss, and the saved
-checkpoint loads like its input."""
+"""axpo_learner.warmstart on the tiny model: it trains through the SFT stage and saves a
+checkpoint that loads like its input. (Its demonstrations, token for token, and the loss:
+tests/unit/learner/test_sft_format.py and tests/integration/test_sft.py.)"""
 
 from __future__ import annotations
 
 import io
 import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -23,7 +21,6 @@ from axpo.settings.job import DEFAULT_SYSTEM_PROMPT, TaskSpec
 from axpo.study.tasks import generate_task
 from axpo.study.tiny_model import build_tiny_model
 from axpo_learner import warmstart
-from axpo_learner.batch import ImageEncoder
 from tests.integration.tool_specs import ZOOM_TOOL
 
 pytestmark = pytest.mark.integration
@@ -53,75 +50,6 @@ def _names(model_dir: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("ws") / "tiny", tie_word_embeddings=True)
-
-
-def test_demo_renders_like_a_rollout_and_masks_only_model_spans() -> None:
-    task = generate_task("zoom_digits", 5, 128)
-    demo = warmstart.build_demo(
-        task,
-        tools=[ZOOM_TOOL],
-        call_tool=_crop,
-        system_prompt=DEFAULT_SYSTEM_PROMPT,
-        use_tool=True,
-        letter=task.gold,
-        rng=random.Random(0),
-    )
-    text = "".join(s.text for s in demo.spans)
-    assert text.startswith(chat.render_prompt(DEFAULT_SYSTEM_PROMPT, [ZOOM_TOOL], task.question, 1))
-    trained = [s.text for s in demo.spans if s.train]
-    assert trained[0].startswith("The box is too small")
-    assert "</tool_call>" in trained[0]
-    assert (
-        trained[1]
-        == f"The number is {task.answer_text}.\n</think>\n\n<answer>{task.gold}</answer><|im_end|>"
-    )
-    assert len(demo.images) == 2
-    assert demo.images[0] == task.image
-    calls = chat.parse_tool_calls("</think>\n\n" + trained[0].split("</think>\n\n", 1)[1])
-    assert calls
-    assert calls[0].ok
-    direct = warmstart.build_demo(
-        task,
-        tools=[ZOOM_TOOL],
-        call_tool=_crop,
-        system_prompt=DEFAULT_SYSTEM_PROMPT,
-        use_tool=False,
-        letter="A",
-        rng=random.Random(0),
-    )
-    assert [s.text for s in direct.spans if s.train] == [
-        "I can answer directly.\n</think>\n\n<answer>A</answer><|im_end|>"
-    ]
-    assert direct.images == (task.image,)
-
-
-def test_shared_prefix_loss_equals_full_rows(tiny: Path) -> None:
-    processor = AutoProcessor.from_pretrained(tiny)
-    model = AutoModelForImageTextToText.from_pretrained(tiny, dtype=torch.float32)
-    encoder = ImageEncoder(processor)
-    tok = processor.tokenizer
-    prefix = tok(chat.render_system_turn("sys", [ZOOM_TOOL]), add_special_tokens=False)["input_ids"]
-    rows = []
-    for i, use_tool in enumerate((True, False, True)):
-        task = generate_task("zoom_digits", i, 64)
-        demo = warmstart.build_demo(
-            task,
-            tools=[ZOOM_TOOL],
-            call_tool=_crop,
-            system_prompt="sys",
-            use_tool=use_tool,
-            letter="B",
-            rng=random.Random(i),
-        )
-        row = warmstart.prepare(demo, tok, encoder, prefix)
-        # Only the model's spans are trained: their tokens decode to exactly those spans.
-        trained = tok.decode([t for t, m in zip(row.token_ids, row.loss_mask, strict=True) if m])
-        assert trained == "".join(s.text for s in demo.spans if s.train)
-        rows.append(row)
-    kw: dict[str, Any] = {"pad_id": tok.pad_token_id, "image_token_id": encoder.image_token_id}
-    shared = warmstart.batch_loss(model, prefix, rows, **kw)
-    full = warmstart.batch_loss(model, prefix, rows, share_prefix=False, **kw)
-    assert torch.allclose(shared, full, rtol=1e-4, atol=1e-5)
 
 
 def test_warm_start_trains_and_saves_a_loadable_checkpoint(tiny: Path, tmp_path: Path) -> None:

@@ -81,7 +81,8 @@ def test_every_shipped_config_parses(path):
         from axpo.settings.study import load_study_spec
 
         study_spec = load_study_spec(path)
-        assert study_spec.name and study_spec.arms
+        assert study_spec.name
+        assert study_spec.arms
         assert all(
             study_spec.arm_job(arm, seed=0, model="m", steps=None).eval is not None
             for arm in study_spec.arms

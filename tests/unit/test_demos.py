@@ -67,13 +67,15 @@ def test_demonstrations(toolbox: Toolbox, tmp_path: Path) -> None:
         else:
             assert user["content"] == task.question
         if r not in tool_records:
-            assert r["id"].endswith("-direct") and "tool_calls" not in first
+            assert r["id"].endswith("-direct")
+            assert "tool_calls" not in first
             continue
         seen_families.add(task.family)
         call = first["tool_calls"][0]["function"]
         assert call == {"name": task.tool, "arguments": dict(task.tool_arguments)}
         tool, last = r["messages"][3:]
-        assert tool["role"] == "tool" and last["content"] == f"<answer>{task.gold}</answer>"
+        assert tool["role"] == "tool"
+        assert last["content"] == f"<answer>{task.gold}</answer>"
         text = tool["content"][-1]["text"]
         if task.family == "arith":
             assert text.strip() == task.gold  # the real python tool's output

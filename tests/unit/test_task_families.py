@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 
 from axpo.contracts.domain import AnswerKind
 from axpo.settings.job import JobSpec, TaskSpec
-from axpo.study.families import arith, colour_cell, town_facts
+from axpo.study.families import arith, colour_cell
 from axpo.study.task import HELDOUT_BASE, split_of, split_seeds
 from axpo.study.tasks import STUDY_FAMILIES, generate_task, task_data, task_from_data, tasks_for
 
@@ -23,8 +23,11 @@ SIZE = 256
 def test_deterministic_and_well_formed(family: str) -> None:
     a = generate_task(family, 11, SIZE)
     assert a == generate_task(family, 11, SIZE)
-    assert a.family == family and a.seed == 11 and a.split == "train"
-    assert a.kind == AnswerKind.NUMBER and a.gold.isdigit()
+    assert a.family == family
+    assert a.seed == 11
+    assert a.split == "train"
+    assert a.kind == AnswerKind.NUMBER
+    assert a.gold.isdigit()
     assert a.tool in {"image_zoom_in_tool", "python", "search"}
     assert 0 < a.chance <= 1 / 6
     others = {generate_task(family, s, SIZE).question for s in range(12, 40)}
@@ -34,7 +37,8 @@ def test_deterministic_and_well_formed(family: str) -> None:
 def test_split_seeds() -> None:
     assert split_seeds("train", 3) == [0, 1, 2]
     assert split_seeds("heldout", 2, start=5) == [HELDOUT_BASE + 5, HELDOUT_BASE + 6]
-    assert split_of(HELDOUT_BASE - 1) == "train" and split_of(HELDOUT_BASE) == "heldout"
+    assert split_of(HELDOUT_BASE - 1) == "train"
+    assert split_of(HELDOUT_BASE) == "heldout"
     with pytest.raises(ValueError, match="unknown split"):
         split_seeds("test", 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="training seeds end"):
@@ -46,11 +50,13 @@ def test_split_seeds() -> None:
 def test_arith_splits_share_no_question() -> None:
     train = {t.question for t in tasks_for(["arith"], "train", 3000, SIZE)}
     heldout = {t.question for t in tasks_for(["arith"], "heldout", 1000, SIZE)}
-    assert len(train) > 1500 and len(heldout) > 500
+    assert len(train) > 1500
+    assert len(heldout) > 500
     assert not train & heldout
     for t in tasks_for(["arith"], "heldout", 50, SIZE):
         a, b = map(int, t.question.split("?")[0].split("is ")[1].split(" * "))
-        assert arith.heldout_pair(a, b) and int(t.gold) == a * b
+        assert arith.heldout_pair(a, b)
+        assert int(t.gold) == a * b
 
 
 def test_town_facts_splits_share_no_entity() -> None:
@@ -58,10 +64,12 @@ def test_town_facts_splits_share_no_entity() -> None:
     heldout = tasks_for(["town_facts"], "heldout", 500, SIZE)
     train_entities = {t.tool_arguments["query"] for t in train}
     heldout_entities = {t.tool_arguments["query"] for t in heldout}
-    assert len(train_entities) > 100 and len(heldout_entities) > 30
+    assert len(train_entities) > 100
+    assert len(heldout_entities) > 30
     assert not train_entities & heldout_entities
     for t in heldout[:20]:
-        assert t.tool_arguments["query"] in t.question and 800 <= int(t.gold) <= 2015
+        assert t.tool_arguments["query"] in t.question
+        assert 800 <= int(t.gold) <= 2015
 
 
 def test_town_facts_answers_are_in_the_search_corpus() -> None:

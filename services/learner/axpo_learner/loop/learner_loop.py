@@ -28,6 +28,7 @@ from axpo_learner.loop.publication import Publication
 from axpo_learner.loop.redis_retry import RedisRetry, Stopped
 from axpo_learner.loop.status import LoopState, LoopStatus
 from axpo_learner.publish import WeightPublisher
+from axpo_learner.sft.export import export_checkpoint
 from axpo_learner.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ class LearnerLoop:
         self.publisher = publisher
         self.on_step = on_step
         self.checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
+        if settings.export_dir and not (Path(settings.model) / "config.json").is_file():
+            raise ValueError(
+                f"export_dir needs model to be a local checkpoint directory, got {settings.model!r}"
+            )
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._state = LoopState(published_version=trainer.policy_version)
@@ -204,6 +209,8 @@ class LearnerLoop:
                 if self.run_step():
                     steps += 1
             self._checkpoint_and_ack()
+            if self.done() and self.settings.export_dir:
+                self._export()
         except Stopped:
             self._checkpoint_and_ack()
         except BaseException as exc:
@@ -226,6 +233,16 @@ class LearnerLoop:
         if not deliveries:
             return False
         return self._train(deliveries, queue_wait_s=time.perf_counter() - started)
+
+    def _export(self) -> None:
+        """Write the final policy as an HF checkpoint to ``export_dir`` (a collective under
+        torchrun: every rank gathers, rank 0 writes)."""
+        tensors = self.trainer.full_state_dict()
+        if tensors is None:
+            return
+        out = Path(self.settings.export_dir)
+        export_checkpoint(tensors, Path(self.settings.model), out)
+        log.info("exported the step-%d policy to %s", self.trainer.step, out)
 
     def _stopping(self) -> bool:
         return self._agreed_stop if self.world.distributed else self._stop.is_set()
