@@ -26,26 +26,9 @@ class StepBar:
         if not self.enabled:
             return
         if self._progress is None:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from axpo.local.progress import rich_bar
 
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                console=Console(file=self.out),
-            )
+            self._progress = rich_bar(self.out, "loss {task.fields[loss]}")
             self._progress.start()
             self._task = self._progress.add_task(
                 self.description, total=total, completed=done - 1, loss="-"

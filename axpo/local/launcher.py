@@ -182,36 +182,13 @@ class Launcher:
             f"({', '.join(families)}), {e.n} samples each ..."
         )
         cmd = [
-            self.python,
-            "-m",
-            "axpo",
-            "eval",
-            "--inference",
-            f"127.0.0.1:{inference.port}",
-            "--tools",
-            f"127.0.0.1:{tools.port}",
-            "--verifier",
-            f"127.0.0.1:{verifier.port}",
-            "--model",
-            str(model.resolve()),
-            "--config",
-            str(self.run_dir / "config.yaml"),
-            "--tasks",
-            ",".join(families),
-            "--split",
-            e.split,
-            "--questions",
-            str(e.questions),
-            "--n",
-            str(e.n),
-            "--k",
-            ",".join(map(str, e.k)),
-            "--out",
-            str(self.run_dir / f"{name}.jsonl"),
-            "--json",
+            *(self.python, "-m", "axpo", "eval"),
+            *("--inference", f"127.0.0.1:{inference.port}"),
+            *("--tools", f"127.0.0.1:{tools.port}", "--verifier", f"127.0.0.1:{verifier.port}"),
+            *("--model", str(model.resolve()), "--config", str(self.run_dir / "config.yaml")),
+            *("--out", str(self.run_dir / f"{name}.jsonl")),
+            *e.cli_args(families),
         ]
-        if e.temperature is not None:
-            cmd += ["--temperature", str(e.temperature)]
         log = self.run_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as err:

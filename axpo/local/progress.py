@@ -9,6 +9,32 @@ from typing import IO, Any
 from axpo.settings.job import JobSpec
 
 
+def rich_bar(out: IO[str], fields: str) -> Any:
+    """A rich progress bar on ``out``: description, bar, done/total, elapsed, ETA, then the
+    ``fields`` text column (e.g. ``"loss {task.fields[loss]}"``). Not started."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    return RichProgress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn(fields),
+        console=Console(file=out),
+        transient=False,
+    )
+
+
 class Progress:
     """Live progress with rich: step bar, ETA and the latest step's headline numbers."""
 
@@ -19,27 +45,7 @@ class Progress:
         self._progress: Any = None
         self._task: Any = None
         if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[stats]}"),
-                console=Console(file=out),
-                transient=False,
-            )
+            self._progress = rich_bar(out, "{task.fields[stats]}")
             self._progress.start()
             self._task = self._progress.add_task(
                 f"{spec.name} steps", total=spec.steps, stats="waiting for the first step"

@@ -37,8 +37,8 @@ from axpo.local.processes import RunError
 from axpo.settings.study import ArmSpec, StudySpec
 
 
-def _stage_done(folder: Path, inputs: dict[str, Any]) -> bool:
-    marker = folder / "done.json"
+def _stage_done(folder: Path, inputs: dict[str, Any], marker_name: str = "done.json") -> bool:
+    marker = folder / marker_name
     if not marker.is_file():
         return False
     try:
@@ -47,15 +47,17 @@ def _stage_done(folder: Path, inputs: dict[str, Any]) -> bool:
         return False
 
 
-def _mark_done(folder: Path, inputs: dict[str, Any], result: dict[str, Any]) -> None:
+def _mark_done(
+    folder: Path, inputs: dict[str, Any], result: dict[str, Any], marker_name: str = "done.json"
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "done.json.tmp"
+    tmp = folder / f"{marker_name}.tmp"
     tmp.write_text(json.dumps({"inputs": inputs, "result": result}, indent=2) + "\n")
-    tmp.replace(folder / "done.json")
+    tmp.replace(folder / marker_name)
 
 
-def _result(folder: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((folder / "done.json").read_text())["result"]
+def _result(folder: Path, marker_name: str = "done.json") -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((folder / marker_name).read_text())["result"]
     return data
 
 
@@ -204,36 +206,17 @@ class Study:
     def eval_model(self, model: Path, job_file: Path, folder: Path) -> dict[str, Any]:
         e = self.spec.eval
         inputs = {"eval": e.model_dump(), "model": str(model.resolve()), "job": self.spec.job}
-        if _stage_done(folder, inputs):
-            return _result(folder)
+        if _stage_done(folder, inputs, "eval-done.json"):
+            return _result(folder, "eval-done.json")
         self.say(f"evaluating {model} on {e.questions} {e.split} questions per family ...")
         args = [
-            "eval",
-            "--model",
-            str(model),
-            "--config",
-            str(job_file),
-            "--tasks",
-            ",".join(self.spec.families),
-            "--split",
-            e.split,
-            "--questions",
-            str(e.questions),
-            "--n",
-            str(e.n),
-            "--k",
-            ",".join(map(str, e.k)),
-            "--out",
-            str(folder / "eval.jsonl"),
-            "--run-dir",
-            str(folder / "eval-services"),
-            "--json",
+            *("eval", "--model", str(model), "--config", str(job_file)),
+            *("--out", str(folder / "eval.jsonl"), "--run-dir", str(folder / "eval-services")),
+            *e.cli_args(list(self.spec.families)),
         ]
-        if e.temperature is not None:
-            args += ["--temperature", str(e.temperature)]
         result = self._last_json(self._axpo(*args, log=folder / "eval.log"))
         (folder / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        _mark_done(folder, inputs, result)
+        _mark_done(folder, inputs, result, "eval-done.json")
         return result
 
     def arm_steps(self, arm: ArmSpec, seed: int) -> int:

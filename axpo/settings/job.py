@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -261,6 +261,15 @@ class EvalSpec(BaseModel):
             raise ValueError(f"k {self.k} must be non-empty with every k <= n ({self.n})")
         return self
 
+    def cli_args(self, families: list[str]) -> list[str]:
+        """The ``axpo eval`` arguments that ask for this evaluation of ``families``."""
+        args = ["--tasks", ",".join(families), "--split", self.split]
+        args += ["--questions", str(self.questions), "--n", str(self.n)]
+        args += ["--k", ",".join(map(str, self.k)), "--json"]
+        if self.temperature is not None:
+            args += ["--temperature", str(self.temperature)]
+        return args
+
     def family_names(self, tasks: TaskSpec) -> list[str]:
         if self.family is None:
             return tasks.family_names()
@@ -297,14 +306,18 @@ class JobSpec(BaseModel):
     ``eval.jsonl`` in the run folder); unset: no evaluation."""
 
 
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
 class JobSpecError(ValueError):
     """A job spec that cannot be used; the message names the file and every bad field."""
 
 
-def load_job_spec(path: str | Path) -> JobSpec:
-    """Read and validate a YAML job spec.
+def load_spec(path: str | Path, cls: type[SpecT], what: str = "job spec") -> SpecT:
+    """Read the YAML file ``path`` and validate it as ``cls``.
 
-    Raises JobSpecError with one line per problem, each naming the field's dotted path.
+    Raises JobSpecError naming the file: unreadable, not YAML, not a mapping, or one line per
+    invalid field with its dotted path.
     """
     path = Path(path)
     try:
@@ -316,6 +329,14 @@ def load_job_spec(path: str | Path) -> JobSpec:
     if not isinstance(raw, dict):
         raise JobSpecError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return JobSpec.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as exc:
-        raise JobSpecError(f"{path}: invalid job spec:\n" + format_validation_error(exc)) from exc
+        raise JobSpecError(f"{path}: invalid {what}:\n" + format_validation_error(exc)) from exc
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML job spec.
+
+    Raises JobSpecError with one line per problem, each naming the field's dotted path.
+    """
+    return load_spec(path, JobSpec)

@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from axpo.settings.base import MODEL_CONFIG, format_validation_error
-from axpo.settings.job import DemosSpec, EvalSpec, FamilyName, JobSpec, JobSpecError, SftSpec
+from axpo.settings.job import DemosSpec, EvalSpec, FamilyName, JobSpec, SftSpec, load_spec
 
 
 class BaseModelSpec(BaseModel):
@@ -121,16 +120,4 @@ class StudySpec(BaseModel):
 def load_study_spec(path: str | Path) -> StudySpec:
     """Read and validate a YAML study spec. Raises JobSpecError naming the file and every bad
     field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise JobSpecError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise JobSpecError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise JobSpecError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    try:
-        return StudySpec.model_validate(raw)
-    except ValidationError as exc:
-        raise JobSpecError(f"{path}: invalid study spec:\n" + format_validation_error(exc)) from exc
+    return load_spec(path, StudySpec, "study spec")

@@ -29,10 +29,16 @@ def _job(tmp_path: Path, name: str, steps: int, algorithm: str = "axpo") -> Path
     spec["algorithm"]["name"] = algorithm
     spec["algorithm"]["group_size"] = 2
     spec["rollout"]["max_new_tokens"] = 32
-    spec["run"]["prepare_model"] = "tiny"  # random init: no warm start, seconds to build
+    spec["run"]["prepare_model"] = "tiny"  # random init: no SFT, seconds to build
+    spec["eval"] = {"questions": 1, "n": 2, "k": [1, 2], "before": True}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def spec_families(config: Path) -> list[str]:
+    family = yaml.safe_load(config.read_text())["tasks"]["family"]
+    return [family] if isinstance(family, str) else list(family)
 
 
 def _alive_in_run(run_dir: Path) -> list[str]:
@@ -95,6 +101,19 @@ def test_run_trains_two_steps_and_leaves_a_report(tmp_path: Path) -> None:
         assert (run_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert any((run_dir / "checkpoints").iterdir())
     assert "step 2/2" in err
+    # The held-out evaluation before and after training, through the run's own services.
+    families = spec_families(config)
+    for name in ("eval-before", "eval"):
+        summary = json.loads((run_dir / f"{name}.json").read_text())
+        assert summary["questions"] == len(families)
+        assert set(summary["families"]) == set(families)
+        lines = (run_dir / f"{name}.jsonl").read_text().splitlines()
+        assert all(json.loads(x)["seed"] >= 1_000_000 for x in lines)  # held-out questions
+    assert "| before | all |" in report
+    assert "| after | all |" in report
+    # The learner exported the final policy as a complete checkpoint.
+    assert (run_dir / "final-model" / "config.json").is_file()
+    assert list((run_dir / "final-model").glob("*.safetensors"))
     assert _alive_in_run(run_dir) == []
 
 

@@ -332,11 +332,12 @@ def run(
                 seed=seed,
             )
             size = spec.tasks.image_size
-            family = spec.tasks.family
+            families = spec.tasks.family_names()
             tasks = [
-                generate_task(family, seed=seed + i, image_size=size) for i in range(questions)
+                generate_task(families[i % len(families)], seed=seed + i, image_size=size)
+                for i in range(questions)
             ]
-            warmup = generate_task(family, seed + questions, size)
+            warmup = generate_task(families[0], seed + questions, size)
             inflight = spec.rollout.inflight_questions
             _run_batch(grpo, [warmup], calls, "warmup-grpo", 1)
             _run_batch(axpo, [warmup], calls, "warmup-axpo", 1)
