@@ -54,6 +54,9 @@ class Launcher:
     python: str = sys.executable
     out: IO[str] = field(default_factory=lambda: sys.stderr)
     procs: Processes = field(init=False)
+    _services: tuple[Path, Child, Child, Child] | None = field(init=False, default=None)
+    _running_eval: tuple[int, subprocess.Popen[str]] | None = field(init=False, default=None)
+    _last_eval_step: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
@@ -122,8 +125,9 @@ class Launcher:
         every = int(learner_values["checkpoint_every"])
         backlog = spec.questions_per_step * (every + 2)
         learner_values["queue"] = {**queue_env, "max_backlog": backlog}
+        self._services = (model, inference, tools, verifier)
         if spec.eval is not None and spec.eval.before:
-            self._evaluate(model, inference, tools, verifier, name="eval-before")
+            self._evaluate(name="eval-before")
         self.procs.say("starting learner and rollout workers ...")
         learner = self.procs.start(
             "learner", "learner", settings_env("AXPO_LEARNER_", learner_values)
@@ -151,7 +155,8 @@ class Launcher:
             # The inference service holds the final weights: evaluate them through the same
             # services, with the workers stopped so nothing else samples meanwhile.
             self.procs.stop([*workers, learner])
-            evaluation = self._evaluate(model, inference, tools, verifier)
+            self._periodic_eval(len(records), final=True)
+            evaluation = self._evaluate()
         self.procs.stop_all()
         client.close()
         summary = {
@@ -167,41 +172,98 @@ class Launcher:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
-    def _evaluate(
-        self, model: Path, inference: Child, tools: Child, verifier: Child, name: str = "eval"
-    ) -> dict[str, Any]:
+    def _eval_cmd(self, out: Path, questions: int | None = None) -> list[str]:
+        """``axpo eval`` of the job's ``eval`` on this run's running services."""
+        e = self.spec.eval
+        assert e is not None
+        assert self._services is not None
+        model, inference, tools, verifier = self._services
+        return [
+            *(self.python, "-m", "axpo", "eval"),
+            *("--inference", f"127.0.0.1:{inference.port}"),
+            *("--tools", f"127.0.0.1:{tools.port}", "--verifier", f"127.0.0.1:{verifier.port}"),
+            *("--model", str(model.resolve()), "--config", str(self.run_dir / "config.yaml")),
+            *("--out", str(out)),
+            *e.cli_args(e.family_names(self.spec.tasks), questions),
+        ]
+
+    @staticmethod
+    def _eval_summary(stdout: str, log: Path, what: str) -> dict[str, Any]:
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            raise RunError(f"{what} printed no JSON; see {log}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
+    def _evaluate(self, name: str = "eval") -> dict[str, Any]:
         """``axpo eval`` on the running services (the job's ``eval``), with whatever weights
         the inference service holds: writes ``<name>.json`` (the summary) and ``<name>.jsonl``
         (per question) in the run folder."""
         e = self.spec.eval
         assert e is not None
-        families = e.family_names(self.spec.tasks)
         self.procs.say(
             f"{name}: evaluating {'the final' if name == 'eval' else 'the starting'} policy on "
             f"{e.questions} {e.split} questions per family "
-            f"({', '.join(families)}), {e.n} samples each ..."
+            f"({', '.join(e.family_names(self.spec.tasks))}), {e.n} samples each ..."
         )
-        cmd = [
-            *(self.python, "-m", "axpo", "eval"),
-            *("--inference", f"127.0.0.1:{inference.port}"),
-            *("--tools", f"127.0.0.1:{tools.port}", "--verifier", f"127.0.0.1:{verifier.port}"),
-            *("--model", str(model.resolve()), "--config", str(self.run_dir / "config.yaml")),
-            *("--out", str(self.run_dir / f"{name}.jsonl")),
-            *e.cli_args(families),
-        ]
         log = self.run_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self._eval_cmd(self.run_dir / f"{name}.jsonl")
         with log.open("w") as err:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
         if proc.returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-            raise RunError(f"the final evaluation failed (exit {proc.returncode}); {log}:\n{tail}")
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if not lines:
-            raise RunError(f"the final evaluation printed no JSON; see {log}")
-        result: dict[str, Any] = json.loads(lines[-1])
+            raise RunError(f"the evaluation {name} failed (exit {proc.returncode}); {log}:\n{tail}")
+        result = self._eval_summary(proc.stdout, log, f"the evaluation {name}")
         (self.run_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+    def stop_running_eval(self) -> None:
+        """Kill an evaluation started by ``eval.every`` that is still running (a stopped run)."""
+        if self._running_eval is not None:
+            _, proc = self._running_eval
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            self._running_eval = None
+
+    def _periodic_eval(self, steps_done: int, final: bool = False) -> None:
+        """The job's ``eval.every``: start an evaluation after every that many steps (one at a
+        time, concurrently with training), and collect one that has finished into
+        ``evals/step-<N>.json``. With ``final``, wait for a running one instead of starting."""
+        e = self.spec.eval
+        if e is None or e.every is None or self._services is None:
+            return
+        evals = self.run_dir / "evals"
+        if self._running_eval is not None:
+            step, proc = self._running_eval
+            if final:
+                proc.wait()
+            if proc.poll() is None:
+                return
+            self._running_eval = None
+            log = self.run_dir / "logs" / f"eval-step-{step}.log"
+            out = (evals / f"step-{step}.out").read_text()
+            if proc.returncode != 0:
+                self.procs.say(f"warning: the evaluation at step {step} failed; see {log}")
+            else:
+                result = self._eval_summary(out, log, f"the evaluation at step {step}")
+                result["step"] = step
+                (evals / f"step-{step}.json").write_text(json.dumps(result, indent=2) + "\n")
+        due = steps_done - steps_done % e.every
+        if final or due == 0 or due >= self.spec.steps or due <= self._last_eval_step:
+            return
+        self._last_eval_step = due
+        evals.mkdir(exist_ok=True)
+        log = self.run_dir / "logs" / f"eval-step-{due}.log"
+        with (evals / f"step-{due}.out").open("w") as out_file, log.open("w") as err:
+            proc = subprocess.Popen(
+                self._eval_cmd(evals / f"step-{due}.jsonl", e.every_questions),
+                stdout=out_file,
+                stderr=err,
+                text=True,
+            )
+        self._running_eval = (due, proc)
 
     def _sft(self, base: Path, model: Path) -> None:
         """Demonstrations of the job's families (``axpo demos``), then ``axpo sft`` from
@@ -300,6 +362,7 @@ class Launcher:
                     queue.put_prompts(tasks)
                     fed += len(tasks)
                 records = self._new_records(metrics_path, records, show)
+                self._periodic_eval(len(records))
                 rc = learner.proc.poll()
                 if rc is not None:
                     records = self._new_records(metrics_path, records, show)
@@ -389,6 +452,7 @@ def run(
         for s in previous:
             signal.signal(s, signal.SIG_IGN)
         try:
+            launcher.stop_running_eval()
             launcher.procs.stop_all()
         finally:
             for s, handler in previous.items():

@@ -254,6 +254,12 @@ class EvalSpec(BaseModel):
     """Sampling temperature; unset: the job's ``rollout.temperature``."""
     before: bool = False
     """Also evaluate the starting policy, before the first step (``eval-before.json``)."""
+    every: Annotated[int, Field(ge=1)] | None = None
+    """Also evaluate every this many steps while training runs (concurrently, on the policy
+    the inference service holds then; ``evals/step-<N>.json``, a curve in the report); unset:
+    only at the end."""
+    every_questions: Annotated[int, Field(ge=1)] | None = None
+    """Questions per family of each evaluation during training; unset: ``questions``."""
 
     @model_validator(mode="after")
     def _check(self) -> EvalSpec:
@@ -261,10 +267,11 @@ class EvalSpec(BaseModel):
             raise ValueError(f"k {self.k} must be non-empty with every k <= n ({self.n})")
         return self
 
-    def cli_args(self, families: list[str]) -> list[str]:
-        """The ``axpo eval`` arguments that ask for this evaluation of ``families``."""
+    def cli_args(self, families: list[str], questions: int | None = None) -> list[str]:
+        """The ``axpo eval`` arguments that ask for this evaluation of ``families`` (of
+        ``questions`` per family instead of :attr:`questions` when given)."""
         args = ["--tasks", ",".join(families), "--split", self.split]
-        args += ["--questions", str(self.questions), "--n", str(self.n)]
+        args += ["--questions", str(questions or self.questions), "--n", str(self.n)]
         args += ["--k", ",".join(map(str, self.k)), "--json"]
         if self.temperature is not None:
             args += ["--temperature", str(self.temperature)]

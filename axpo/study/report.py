@@ -212,6 +212,49 @@ def _eval_section(run_dir: Path) -> list[str]:
     return lines
 
 
+def eval_points(run_dir: Path, final_step: int | None) -> list[tuple[int, dict[str, Any]]]:
+    """(step, summary) of every held-out evaluation of a run, in step order: ``eval-before``
+    at 0, ``evals/step-<N>`` during training, ``eval`` at ``final_step``."""
+    points: list[tuple[int, dict[str, Any]]] = []
+    if (run_dir / "eval-before.json").is_file():
+        points.append((0, json.loads((run_dir / "eval-before.json").read_text())))
+    for path in (run_dir / "evals").glob("step-*.json"):
+        summary = json.loads(path.read_text())
+        points.append((int(summary.get("step", path.stem.split("-")[1])), summary))
+    if final_step is not None and (run_dir / "eval.json").is_file():
+        points.append((final_step, json.loads((run_dir / "eval.json").read_text())))
+    return sorted(points, key=lambda p: p[0])
+
+
+def _draw_eval_curve(run_dir: Path, final_step: int | None, out: Path) -> bool:
+    """Held-out Pass@k and tool-call rate against the step; False when fewer than two
+    evaluations exist."""
+    points = eval_points(run_dir, final_step)
+    if len(points) < 2:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = sorted({k for _, e in points for k in e if k.startswith("pass_at_")})
+    keys += ["tool_call_rate", "tool_call_valid_rate"]
+    fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key in keys:
+        pairs = [(step, v) for step, e in points if (v := _number(e.get(key))) is not None]
+        xs = [step for step, _ in pairs]
+        ys = [v for _, v in pairs]
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=key)
+    ax.set_title("Held-out evaluation during training")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(out, format="png")
+    return True
+
+
 def write_report(run_dir: Path, *, title: str, config_text: str = "") -> Path:
     """Write ``run_dir/plots/<plot>.png`` and ``run_dir/report.md`` from
     ``run_dir/metrics.jsonl``; returns the report's path.
@@ -243,6 +286,11 @@ def write_report(run_dir: Path, *, title: str, config_text: str = "") -> Path:
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
 
     lines += _eval_section(run_dir)
+    final_step = int(records[-1]["step"]) if records else None
+    if _draw_eval_curve(run_dir, final_step, plots_dir / "heldout.png"):
+        lines += ["", "![Held-out evaluation during training](plots/heldout.png)"]
+    else:
+        (plots_dir / "heldout.png").unlink(missing_ok=True)
     lines += ["", "## Plots", ""]
     for plot in PLOTS:
         png = plots_dir / f"{plot.name}.png"

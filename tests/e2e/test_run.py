@@ -30,7 +30,7 @@ def _job(tmp_path: Path, name: str, steps: int, algorithm: str = "axpo") -> Path
     spec["algorithm"]["group_size"] = 2
     spec["rollout"]["max_new_tokens"] = 32
     spec["run"]["prepare_model"] = "tiny"  # random init: no SFT, seconds to build
-    spec["eval"] = {"questions": 1, "n": 2, "k": [1, 2], "before": True}
+    spec["eval"] = {"questions": 1, "n": 2, "k": [1, 2], "before": True, "every": 1}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -111,6 +111,11 @@ def test_run_trains_two_steps_and_leaves_a_report(tmp_path: Path) -> None:
         assert all(json.loads(x)["seed"] >= 1_000_000 for x in lines)  # held-out questions
     assert "| before | all |" in report
     assert "| after | all |" in report
+    # eval.every: 1 evaluated after step 1 while step 2 trained; the curve is in the report.
+    during = json.loads((run_dir / "evals" / "step-1.json").read_text())
+    assert during["step"] == 1
+    assert set(during["families"]) == set(families)
+    assert "plots/heldout.png" in report
     # The learner exported the final policy as a complete checkpoint.
     assert (run_dir / "final-model" / "config.json").is_file()
     assert list((run_dir / "final-model").glob("*.safetensors"))

@@ -97,3 +97,32 @@ def test_long_run_draws_the_time_split_as_areas(tmp_path: Path) -> None:
     report = write_report(tmp_path, title="long").read_text()
     assert [p.name for p in linked_pngs(report, tmp_path)] == ["time_split.png"]
     assert (tmp_path / "plots" / "time_split.png").read_bytes().startswith(PNG)
+
+
+def _summary(pass_at_1: float, tool: float) -> dict[str, object]:
+    row = {"pass_at_1": pass_at_1, "pass_at_4": min(1.0, 2 * pass_at_1), "accuracy": pass_at_1}
+    row |= {"tool_call_rate": tool, "tool_call_valid_rate": 0.9}
+    return {**row, "questions": 4, "n": 4, "split": "heldout", "families": {"arith": row}}
+
+
+def test_held_out_evaluations_before_during_and_after(tmp_path: Path) -> None:
+    from axpo.study.report import eval_points
+
+    write_metrics(tmp_path, [full_record(s) for s in (1, 2, 3, 4)])
+    (tmp_path / "eval-before.json").write_text(json.dumps(_summary(0.1, 0.5)))
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "step-2.json").write_text(json.dumps({**_summary(0.2, 0.6), "step": 2}))
+    (tmp_path / "eval.json").write_text(json.dumps(_summary(0.375, 0.7)))
+    assert [step for step, _ in eval_points(tmp_path, 4)] == [0, 2, 4]
+    report = write_report(tmp_path, title="t").read_text()
+    assert "## Held-out evaluation" in report
+    assert "| before | arith | 0.1 | 0.2 |" in report
+    assert "| after | all | 0.375 | 0.75 |" in report
+    assert "![Held-out evaluation during training](plots/heldout.png)" in report
+    assert (tmp_path / "plots" / "heldout.png").read_bytes()[:8] == PNG
+    # Without evaluations: no section, no curve (and a stale curve is removed).
+    for name in ("eval-before.json", "eval.json", "evals/step-2.json"):
+        (tmp_path / name).unlink()
+    report = write_report(tmp_path, title="t").read_text()
+    assert "Held-out" not in report
+    assert not (tmp_path / "plots" / "heldout.png").exists()
