@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from axpo.contracts.domain import Image, ToolCall, ToolResult
+from axpo.study.demo_file import DemoWriter
 from axpo.study.families import colour_cell
 from axpo.study.task import Task
 
 CallTool = Callable[[ToolCall, Sequence[Image]], ToolResult]
-_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 @dataclass(frozen=True)
@@ -84,20 +84,10 @@ def guess(task: Task, rng: random.Random) -> str:
     raise ValueError(f"no guess for family {task.family!r}")
 
 
-def _image_part(image: Image, root: Path, written: set[str]) -> dict[str, Any]:
-    ext = _EXTENSIONS.get(image.mime_type, "bin")
-    rel = f"images/{image.sha256}.{ext}"
-    if image.sha256 not in written:
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(image.data)
-        written.add(image.sha256)
-    return {"type": "image", "image": rel}
-
-
-def _user_content(task: Task, root: Path, written: set[str]) -> list[dict[str, Any]] | str:
+def _user_content(task: Task, writer: DemoWriter) -> list[dict[str, Any]] | str:
     if task.image is None:
         return task.question
-    return [_image_part(task.image, root, written), {"type": "text", "text": task.question}]
+    return [writer.image(task.image), {"type": "text", "text": task.question}]
 
 
 def demonstration(
@@ -108,8 +98,7 @@ def demonstration(
     system_prompt: str,
     call_tool: CallTool,
     rng: random.Random,
-    root: Path,
-    written: set[str],
+    writer: DemoWriter,
 ) -> dict[str, Any]:
     """One conversation (a JSONL record) solving ``task`` with its tool, or guessing directly.
 
@@ -118,7 +107,7 @@ def demonstration(
     """
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": system_prompt},
-        {"role": "user", "content": _user_content(task, root, written)},
+        {"role": "user", "content": _user_content(task, writer)},
     ]
     if not use_tool:
         messages.append(
@@ -141,9 +130,7 @@ def demonstration(
                 f"{task.task_id}: the demonstration's {task.tool} call failed: "
                 f"{result.error.kind.value}: {result.error.message}"
             )
-        tool_content: list[dict[str, Any]] = [
-            _image_part(im, root, written) for im in result.images
-        ]
+        tool_content: list[dict[str, Any]] = [writer.image(im) for im in result.images]
         tool_content.append({"type": "text", "text": result.text})
         messages += [
             {
@@ -186,13 +173,10 @@ def write_demos(
     if not 0 <= tool_rate <= 1:
         raise ValueError(f"tool_rate must be in [0, 1], got {tool_rate}")
     rng = random.Random(seed)
-    root = path.parent
-    root.mkdir(parents=True, exist_ok=True)
-    written: set[str] = set()
     tool_demos = 0
     per_family: dict[str, int] = {}
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as out:
+    images: set[str] = set()
+    with DemoWriter(path) as writer:
         for task in tasks:
             use_tool = rng.random() < tool_rate
             record = demonstration(
@@ -202,11 +186,16 @@ def write_demos(
                 system_prompt=system_prompt,
                 call_tool=call_tool,
                 rng=rng,
-                root=root,
-                written=written,
+                writer=writer,
             )
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            writer.write(record)
+            images.update(
+                part["image"]
+                for message in record["messages"]
+                if isinstance(message["content"], list)
+                for part in message["content"]
+                if part.get("type") == "image"
+            )
             tool_demos += use_tool
             per_family[task.family] = per_family.get(task.family, 0) + 1
-    tmp.replace(path)
-    return DemoStats(path, len(tasks), tool_demos, len(written), per_family)
+    return DemoStats(path, len(tasks), tool_demos, len(images), per_family)

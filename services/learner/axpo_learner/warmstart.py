@@ -32,9 +32,9 @@ from typing import Any
 from axpo.contracts.domain import Image, ToolCall, ToolResult
 from axpo.settings.job import TaskSpec
 from axpo.settings.sft import SftSettings
+from axpo.study.demo_file import DemoWriter
 from axpo.study.tasks import Task, choice_values, task_data, task_from_data
 from axpo_learner.sft import train as sft_train
-from axpo_learner.sft.writer import DemoWriter
 
 ZOOM_TOOL = "image_zoom_in_tool"
 REASON_TOOL = "The box is too small to read. Let me zoom in."

@@ -18,6 +18,7 @@ from transformers import AutoProcessor
 from axpo.contracts import chat
 from axpo.contracts.domain import Image, ToolCall, ToolResult
 from axpo.settings.job import DEFAULT_SYSTEM_PROMPT
+from axpo.study.demo_file import DemoWriter
 from axpo.study.tasks import choice_values, generate_task
 from axpo.study.tiny_model import build_tiny_model
 from axpo_learner import warmstart
@@ -30,7 +31,6 @@ from axpo_learner.sft.format import (
     render,
 )
 from axpo_learner.sft.rows import RowMaker, tokenize_spans
-from axpo_learner.sft.writer import DemoWriter
 from tests.integration.tool_specs import ZOOM_TOOL
 
 

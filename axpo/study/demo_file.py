@@ -1,5 +1,7 @@
-"""Writing demonstration files (:mod:`axpo_learner.sft.format`): JSON lines, each image stored
-once under ``images/<sha256>.<ext>`` next to the file and referenced by that relative path."""
+"""Writing demonstration files, the format ``axpo sft`` reads (``axpo_learner.sft.format``):
+JSON lines, each image stored once under ``images/<sha256>.<ext>`` next to the file and
+referenced by that relative path. In the core because both the study's demonstrations
+(:mod:`axpo.study.demos`) and the learner's warm start write them."""
 
 from __future__ import annotations
 
