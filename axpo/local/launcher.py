@@ -28,6 +28,7 @@ so no process outlives a run. A child that exits early fails the run with the ta
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,6 +283,7 @@ class Launcher:
         )
         self.procs.say(f"SFT: {run.sft.steps} steps of {run.sft.batch_size} demonstrations ...")
         tmp = model.with_name(model.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)  # an earlier attempt's leftovers
         _check_call(
             [
                 *(self.python, "-m", "axpo", "sft", "--model", str(base), "--data", str(demos)),

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job(tmp_path: Path, name: str, steps: int, algorithm: str = "axpo") -> Path:
+def _job(
+    tmp_path: Path, name: str, steps: int, algorithm: str = "axpo", prepare: str = "tiny"
+) -> Path:
     spec = yaml.safe_load((REPO / "configs" / "tiny-cpu-axpo.yaml").read_text())
     spec["name"] = name
     spec["steps"] = steps
@@ -29,7 +31,10 @@ def _job(tmp_path: Path, name: str, steps: int, algorithm: str = "axpo") -> Path
     spec["algorithm"]["name"] = algorithm
     spec["algorithm"]["group_size"] = 2
     spec["rollout"]["max_new_tokens"] = 32
-    spec["run"]["prepare_model"] = "tiny"  # random init: no SFT, seconds to build
+    # "tiny": random init, seconds to build; "tiny-sft": the demo's SFT stage, cut to 2 steps.
+    spec["run"]["prepare_model"] = prepare
+    spec["run"]["demos"] = {"per_family": 4, "tool_rate": 0.5}
+    spec["run"]["sft"] = {"steps": 2, "batch_size": 4}
     spec["eval"] = {"questions": 1, "n": 2, "k": [1, 2], "before": True, "every": 1}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -71,7 +76,7 @@ def _axpo(*args: str, **kwargs: object) -> subprocess.Popen[str]:
 
 
 def test_run_trains_two_steps_and_leaves_a_report(tmp_path: Path) -> None:
-    config = _job(tmp_path, "e2e-run", steps=2)
+    config = _job(tmp_path, "e2e-run", steps=2, prepare="tiny-sft")
     run_dir = tmp_path / "run"
     proc = _axpo("run", str(config), "--run-dir", str(run_dir), "--no-progress")
     out, err = proc.communicate(timeout=600)
@@ -101,8 +106,12 @@ def test_run_trains_two_steps_and_leaves_a_report(tmp_path: Path) -> None:
         assert (run_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert any((run_dir / "checkpoints").iterdir())
     assert "step 2/2" in err
-    # The held-out evaluation before and after training, through the run's own services.
+    # The model was prepared by the SFT stage: demonstrations of every family, then axpo sft.
     families = spec_families(config)
+    demos = (tmp_path / "model-demos" / "demos.jsonl").read_text().splitlines()
+    assert len(demos) == 4 * len(families)
+    assert json.loads((tmp_path / "model" / "sft.json").read_text())["metrics"]["steps"] == 2
+    # The held-out evaluation before and after training, through the run's own services.
     for name in ("eval-before", "eval"):
         summary = json.loads((run_dir / f"{name}.json").read_text())
         assert summary["questions"] == len(families)
