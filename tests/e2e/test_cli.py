@@ -183,8 +183,8 @@ def test_serve_verify_through_grpc_and_stop_on_sigterm(tmp_path):
 
 def test_readme_demo_command_is_the_axpo_run_of_a_valid_config():
     """`make demo` (the README's first command) runs `axpo run configs/tiny-cpu-axpo.yaml`; the
-    run itself is exercised end to end by tests/e2e/test_run.py (a whole 30-step run with the
-    warm start takes minutes, measured in the README)."""
+    run itself is exercised end to end by tests/e2e/test_run.py (the demo's SFT stage and
+    15 steps take minutes, measured in the README)."""
     script = (REPO / "scripts" / "demo.sh").read_text()
     assert "axpo run configs/tiny-cpu-axpo.yaml" in script
     readme = (REPO / "README.md").read_text()
@@ -201,4 +201,8 @@ def test_readme_demo_command_is_the_axpo_run_of_a_valid_config():
             check=False,
         )
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["rollout"]["tools"] == ["image_zoom_in_tool"]
+        job = json.loads(out.stdout)
+        assert job["rollout"]["tools"] == ["image_zoom_in_tool", "python", "search"]
+        assert job["tasks"]["family"] == ["colour_cell", "arith", "town_facts"]
+        assert job["run"]["prepare_model"] == "tiny-sft"
+        assert job["eval"]["before"] is True
