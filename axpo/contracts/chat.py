@@ -237,7 +237,11 @@ def _load_object(text: str) -> Any:
         if not text.startswith("{"):
             raise
         try:  # models sometimes write Python dicts: {'name': 'x', 'arguments': {...}}
-            return ast.literal_eval(text[: text.rfind("}") + 1])
+            value = ast.literal_eval(text[: text.rfind("}") + 1])
+            # ...but a Python literal may hold what JSON cannot (a set: {'print(1)'}, bytes,
+            # complex numbers): that is no JSON object, so the call is malformed.
+            json.dumps(value)
+            return value
         except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
             raise exc from None
 

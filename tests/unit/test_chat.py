@@ -173,6 +173,10 @@ def test_tag_inside_string_keeps_the_code():
             "argument 'img_idx'",
         ),
         ("{" * 50_000, ToolErrorKind.MALFORMED_CALL, "not valid JSON"),
+        # Python literals JSON has no word for (written by the tiny model in the study: a set
+        # where the arguments object belongs) are not valid JSON either.
+        ("{'name': 'python', 'arguments': {'print(1)'}}", ToolErrorKind.MALFORMED_CALL, "JSON"),
+        ("{'name': 'python', 'arguments': {'code': b'x'}}", ToolErrorKind.MALFORMED_CALL, "JSON"),
     ],
     ids=[
         "missing-brace",
@@ -187,6 +191,8 @@ def test_tag_inside_string_keeps_the_code():
         "short-bbox",
         "negative-idx",
         "deep-nesting",
+        "python-set-arguments",
+        "python-bytes-argument",
     ],
 )
 def test_errors_are_structured(block, kind, message):
