@@ -32,7 +32,7 @@ from axpo.queue import PromptTask, TrajectoryQueue
 from axpo.queue.redis_server import RedisServer
 from axpo.settings.base import RpcClientSettings, RpcServerSettings
 from axpo.settings.inference import InferenceSettings
-from axpo.settings.job import JobSpec, load_job_spec
+from axpo.settings.job import DEFAULT_SYSTEM_PROMPT, JobSpec, TaskSpec, load_job_spec
 from axpo.settings.learner import LearnerSettings
 from axpo.settings.queue import QueueSettings
 from axpo.settings.tools import ToolsSettings, ZoomSettings
@@ -147,8 +147,17 @@ def _job(name: str, algorithm_name: str, model_dir: Path) -> JobSpec:
                 # Speculation on (the default is off): the real engine exercises cancelling.
                 update={"name": algorithm_name, "group_size": 4, "speculative_resampling": True}
             ),
+            # The model is warm-started on zoom_digits with the zoom tool and the default
+            # system prompt (model_dir): the job asks the same of it.
+            "tasks": TaskSpec(family="zoom_digits", image_size=128, count=256),
             "rollout": spec.rollout.model_copy(
-                update={"max_new_tokens": 128, "inflight_questions": 1}
+                update={
+                    "max_new_tokens": 128,
+                    "inflight_questions": 1,
+                    "tools": ["image_zoom_in_tool"],
+                    "system_prompt": DEFAULT_SYSTEM_PROMPT,
+                    "max_total_tokens": 1024,
+                }
             ),
         }
     )
