@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from axpo_learner import distributed
+from axpo_learner.durable import fsync_dir, fsync_tree
 from axpo_learner.trainer import Trainer
 
 _META = "meta.json"
@@ -85,26 +86,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _rng_file(rank: int) -> str:
     return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and directory under ``path`` (the DCP files other ranks wrote)."""
-    for folder, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
 
 
 def _write(path: Path, obj: Any) -> None:
@@ -173,11 +154,11 @@ def save(
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():  # a re-save of the same step replaces it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
     except BaseException:
         if leader:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -291,7 +272,7 @@ def record_published(root: str | Path, version: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / _PUBLISHED)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def last_published(root: str | Path) -> int | None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from axpo_learner.durable import fsync_dir, fsync_tree
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # An ``axpo sft`` output's training state: not part of the model, never copied.
@@ -66,27 +68,6 @@ def _tensors(
         seen.add(t.data_ptr())
         out[name] = t
     return out
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file and directory under ``path`` (before renaming it into place)."""
-    for folder, _, files in os.walk(path):
-        for name in files:
-            _fsync(os.path.join(folder, name))
-        _fsync(folder)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync one directory (after renaming something into it)."""
-    _fsync(str(path))
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from axpo_learner.sft.export import fsync_dir, fsync_tree
+from axpo_learner.durable import fsync_dir, fsync_tree
 from axpo_learner.sft.format import SftInputError
 
 _META = "meta.json"
