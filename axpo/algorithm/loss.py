@@ -94,6 +94,7 @@ def policy_loss(
     kl_coef: float = 0.0,
     entropies: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Clipped policy-gradient loss over a padded batch.
 
@@ -101,14 +102,16 @@ def policy_loss(
     ``old_logprobs`` (behaviour policy, no grad) of the sampled tokens, ``advantages`` (per
     token; broadcast a per-sequence value), ``mask`` (bool or 0/1; padding is 0). Optional:
     ``ref_logprobs`` for the KL term (used when ``kl_coef > 0``), ``entropies`` of the learner
-    for the metric, ``rollout_logprobs`` (the inference engine's) for the mismatch metrics.
+    for the metric, ``rollout_logprobs`` (the inference engine's) for the mismatch metrics,
+    ``is_weights`` (per token, no grad) multiplying the policy-gradient term (truncated
+    importance sampling).
     ``denominator`` overrides the aggregation's normalizer (see :func:`loss_denominator`);
     ``sequence`` aggregation then sums per-sequence means and divides by it.
 
     Metrics: ``pg_loss``, ``kl`` (k3 vs ref), ``clip_fraction`` (tokens whose clipped term is
     the active one), ``clip_low_fraction``/``clip_high_fraction``, ``approx_kl`` (k3 between
     behaviour and current policy), ``entropy``, ``logprob_mismatch_mean``/``_max`` (absolute
-    learner-vs-rollout difference), ``tokens``.
+    learner-vs-rollout difference), ``is_weight`` (mean importance weight), ``tokens``.
     """
     import torch
 
@@ -129,6 +132,12 @@ def policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        if is_weights.shape != shape:
+            raise ValueError(
+                f"is_weights has shape {tuple(is_weights.shape)}, logprobs {tuple(shape)}"
+            )
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     pg_per_token = per_token
     kl_tok: torch.Tensor | None = None
     if ref_logprobs is not None and kl_coef > 0:
@@ -173,6 +182,8 @@ def policy_loss(
         }
         if kl_tok is not None:
             metrics["kl"] = masked_mean(kl_tok)
+        if is_weights is not None:
+            metrics["is_weight"] = masked_mean(is_weights.to(m.dtype))
         if entropies is not None:
             metrics["entropy"] = masked_mean(entropies)
         if rollout_logprobs is not None:

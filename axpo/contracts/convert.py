@@ -108,6 +108,32 @@ def token_scores_from_proto(msg: pb.TokenScores) -> d.TokenScores:
     )
 
 
+def processing_to_proto(p: d.LogprobProcessing) -> pb.LogprobProcessing:
+    return pb.LogprobProcessing(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        biased_token_ids=p.biased_token_ids,
+        logit_bias=p.logit_bias,
+        processed=p.processed,
+    )
+
+
+def processing_from_proto(msg: pb.LogprobProcessing, field: str) -> d.LogprobProcessing:
+    """Raises ValueError naming ``field`` for values the learner could not reproduce."""
+    try:
+        return d.LogprobProcessing(
+            temperature=msg.temperature,
+            top_p=msg.top_p,
+            top_k=msg.top_k,
+            biased_token_ids=tuple(msg.biased_token_ids),
+            logit_bias=msg.logit_bias,
+            processed=msg.processed,
+        )
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from exc
+
+
 def sample_to_proto(sample: d.Sample) -> inference_pb.Sample:
     return inference_pb.Sample(
         token_ids=sample.token_ids,
@@ -115,6 +141,7 @@ def sample_to_proto(sample: d.Sample) -> inference_pb.Sample:
         finish_reason=_FINISH_REASON[sample.finish_reason],
         stop_string=sample.stop_string,
         policy_version=sample.policy_version,
+        processing=processing_to_proto(sample.processing) if sample.processing else None,
     )
 
 
@@ -125,6 +152,11 @@ def sample_from_proto(msg: inference_pb.Sample) -> d.Sample:
         finish_reason=_enum_from_proto(_FINISH_REASON, msg.finish_reason, "finish_reason"),
         policy_version=msg.policy_version,
         stop_string=msg.stop_string,
+        processing=(
+            processing_from_proto(msg.processing, "sample.processing")
+            if msg.HasField("processing")
+            else None
+        ),
     )
 
 
@@ -366,6 +398,7 @@ def group_to_proto(group: d.Group) -> pb.Group:
         job_id=group.job_id,
         created_at=group.created_at,
         timings=dict(group.timings),
+        sampling=processing_to_proto(group.sampling),
     )
 
 
@@ -379,4 +412,9 @@ def group_from_proto(msg: pb.Group) -> d.Group:
         job_id=msg.job_id,
         created_at=msg.created_at,
         timings=tuple(sorted((k, float(v)) for k, v in msg.timings.items())),
+        sampling=(
+            processing_from_proto(msg.sampling, f"group {msg.group_id}: sampling")
+            if msg.HasField("sampling")
+            else d.LogprobProcessing()
+        ),
     )

@@ -91,6 +91,51 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class LogprobProcessing:
+    """How the inference engine turned logits into the logprobs it reported: ``logit_bias``
+    added to ``biased_token_ids``, logits divided by ``temperature``, then top-k (0: off) and
+    top-p (1: off) filtering; ``processed`` logprobs are of that distribution (vLLM's
+    ``processed_logprobs``), otherwise of the raw logits. The learner computes its logprobs
+    the same way (``axpo_learner.logprobs``)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    biased_token_ids: tuple[int, ...] = ()
+    logit_bias: float = 0.0
+    processed: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+
+    @classmethod
+    def of(
+        cls,
+        params: SamplingParams,
+        *,
+        biased_token_ids: tuple[int, ...] = (),
+        logit_bias: float = 0.0,
+        processed: bool = True,
+    ) -> LogprobProcessing:
+        """The processing of a request sampled with ``params``. Greedy sampling
+        (temperature 0) scores the unfiltered, unscaled distribution, as vLLM does."""
+        greedy = params.temperature == 0
+        return cls(
+            temperature=1.0 if greedy else params.temperature,
+            top_p=1.0 if greedy or params.top_p == 0 else params.top_p,
+            top_k=0 if greedy else max(params.top_k, 0),
+            biased_token_ids=tuple(biased_token_ids) if logit_bias else (),
+            logit_bias=logit_bias if biased_token_ids else 0.0,
+            processed=processed,
+        )
+
+
+@dataclass(frozen=True)
 class TokenScores:
     """Per-token scores aligned with a sample's token ids.
 
@@ -111,6 +156,8 @@ class Sample:
     finish_reason: FinishReason
     policy_version: int
     stop_string: str = ""
+    processing: LogprobProcessing | None = None
+    """How the engine computed ``scores.logprobs``; None when the backend does not say."""
 
 
 # --------------------------------------------------------------------------- tools
@@ -278,6 +325,8 @@ class Group:
     created_at: float = 0.0
     timings: tuple[tuple[str, float], ...] = ()
     """Seconds the rollout worker spent on the group by phase, as sorted ``(name, s)`` pairs."""
+    sampling: LogprobProcessing = LogprobProcessing()
+    """How its logprobs were computed (every turn of a group is sampled with the same)."""
 
     def timing(self, name: str) -> float:
         """Seconds spent in phase ``name`` (0 when not recorded)."""

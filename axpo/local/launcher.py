@@ -114,7 +114,6 @@ class Launcher:
             "publish_dir": str(self.run_dir / "publish"),
             "inference_targets": [target(inference, 600.0)],
             "metrics_path": str(metrics_path),
-            "temperature": spec.rollout.temperature,
             "seed": spec.seed,
             "checkpoint_every": 1,
             **spec.run.learner,

@@ -132,11 +132,14 @@ class RolloutSpec(BaseModel):
     """Whole-trajectory budget (prompt, turns, tool responses); a rollout reaching it is
     truncated and scored as it stands."""
     temperature: Annotated[float, Field(gt=0)] = 1.0
-    """Sampling temperature (the learner divides its logits by the same value)."""
+    """Sampling temperature. With ``top_p`` and ``top_k`` it is the one source of truth for the
+    policy ratio: the engine reports the processing it applied, every group carries it, and
+    the learner computes its logprobs the same way (``axpo_learner.logprobs``). Qwen's
+    recommendation for Thinking models: 0.6 (with top-p 0.95, top-k 20)."""
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    """Nucleus sampling; 1 turns it off."""
+    """Nucleus sampling; 1 turns it off. The learner applies it too."""
     top_k: Annotated[int, Field(ge=0)] = 0
-    """Top-k sampling; 0 turns it off."""
+    """Top-k sampling; 0 turns it off. The learner applies it too."""
     tool_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     """Deadline of one tool call."""
     inflight_questions: Annotated[int, Field(ge=1)] = 4

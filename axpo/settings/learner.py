@@ -67,9 +67,31 @@ class LearnerSettings(BaseSettings):
     behavior_logprobs: Literal["rollout", "learner"] = "rollout"
     """Old logprobs of the ratio: ``rollout`` (the inference engine's, a true importance ratio
     under policy lag) or ``learner`` (recomputed before the update: ratio 1 on the first pass)."""
-    temperature: Annotated[float, Field(gt=0)] = 1.0
-    """Sampling temperature of the rollouts; learner logits are divided by it so logprobs
-    compare with the engine's processed logprobs."""
+    logprob_chunk_tokens: Annotated[int, Field(ge=0)] = 1024
+    """Positions whose vocabulary-wide logits exist at once while computing the sampled
+    tokens' logprobs: the output head runs over this many trained positions at a time under
+    activation checkpointing (peak memory one ``[chunk, vocab]`` float32 block, not the whole
+    sequence's). 0: the reference path over the full logits (O(time x vocab) memory).
+    Logprobs always follow each group's sampling (temperature, top-k, top-p, logit bias: see
+    ``axpo_learner.logprobs``); there is no learner-side temperature to keep in step."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the model's layers (transformers'
+    ``gradient_checkpointing_enable``, non-reentrant): activations are recomputed in the
+    backward pass, trading ~30 % more compute for memory that no longer grows with depth."""
+    reference_placement: Literal["device", "host"] = "device"
+    """Where the KL reference model (``kl_coef > 0``) lives. ``device``: on the learner's
+    device, sharded like the policy under torchrun (each rank holds its shard, not a full
+    copy). ``host``: in (pinned) host memory, each module's weights copied to the device just
+    for its forward and dropped after: no device memory for the reference, at the cost of one
+    host-to-device copy of its weights per forward."""
+    tis_cap: Annotated[float, Field(gt=0)] | None = None
+    """Truncated importance sampling (off when unset): with ``behavior_logprobs: learner``, the
+    old policy of the ratio is the learner's, but the tokens were sampled by the inference
+    engine; each token's loss is then weighted by ``min(pi_learner_old / pi_rollout,
+    tis_cap)`` (detached), correcting the engine-learner mismatch with a bounded weight
+    (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training"; a cap of 2 is their choice). With ``behavior_logprobs: rollout`` the ratio is
+    already taken against the engine's logprobs and the weight is 1."""
     checkpoint_dir: str = ""
     """Directory of the learner's checkpoints (``step-<n>`` subdirectories); empty: none."""
     export_dir: str = ""

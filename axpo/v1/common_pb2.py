@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61xpo/v1/common.proto\x12\x07\x61xpo.v1\"8\n\x05Image\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tmime_type\x18\x03 \x01(\t\"\xc2\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x14\n\x0cstop_strings\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\t \x01(\rB\x07\n\x05_seed\"n\n\x0bTokenScores\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x11\n\tentropies\x18\x02 \x03(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"B\n\tToolError\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.axpo.v1.ToolErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\"q\n\nToolResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1e\n\x06images\x18\x02 \x03(\x0b\x32\x0e.axpo.v1.Image\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.axpo.v1.ToolError\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\xb8\x01\n\x06Reward\x12\r\n\x05total\x18\x01 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x08\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\x01\x12\x12\n\ntool_bonus\x18\x05 \x01(\x01\x12\x16\n\textracted\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x63hecker\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x11\n\ttimed_out\x18\t \x01(\x08\x42\x0c\n\n_extracted\"a\n\x07Segment\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.axpo.v1.SegmentKind\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\"m\n\x0eToolInvocation\x12\x1f\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x11.axpo.v1.ToolCall\x12#\n\x06result\x18\x02 \x01(\x0b\x32\x13.axpo.v1.ToolResult\x12\x15\n\rsegment_index\x18\x03 \x01(\r\"\xd6\x02\n\nTrajectory\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tloss_mask\x18\x03 \x01(\x0c\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x11\n\tentropies\x18\x05 \x03(\x02\x12\"\n\x08segments\x18\x06 \x03(\x0b\x32\x10.axpo.v1.Segment\x12+\n\ntool_calls\x18\x07 \x03(\x0b\x32\x17.axpo.v1.ToolInvocation\x12\x14\n\x0cimage_sha256\x18\x08 \x03(\t\x12\x1f\n\x06reward\x18\t \x01(\x0b\x32\x0f.axpo.v1.Reward\x12\x15\n\rprompt_length\x18\n \x01(\r\x12\x16\n\x0eresampled_from\x18\x0b \x01(\t\x12\x1c\n\x14\x66rozen_prefix_length\x18\x0c \x01(\r\x12\x11\n\ttruncated\x18\r \x01(\x08\"\x93\x02\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x13\n\x0bquestion_id\x18\x02 \x01(\t\x12)\n\x0ctrajectories\x18\x03 \x03(\x0b\x32\x13.axpo.v1.Trajectory\x12\x1e\n\x06images\x18\x04 \x03(\x0b\x32\x0e.axpo.v1.Image\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12,\n\x07timings\x18\x08 \x03(\x0b\x32\x1b.axpo.v1.Group.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04*\x9f\x02\n\rToolErrorKind\x12\x1f\n\x1bTOOL_ERROR_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dTOOL_ERROR_KIND_BAD_ARGUMENTS\x10\x01\x12\x1b\n\x17TOOL_ERROR_KIND_TIMEOUT\x10\x02\x12\"\n\x1eTOOL_ERROR_KIND_RESOURCE_LIMIT\x10\x03\x12%\n!TOOL_ERROR_KIND_SANDBOX_VIOLATION\x10\x04\x12\x1c\n\x18TOOL_ERROR_KIND_INTERNAL\x10\x05\x12 \n\x1cTOOL_ERROR_KIND_UNKNOWN_TOOL\x10\x06\x12\"\n\x1eTOOL_ERROR_KIND_MALFORMED_CALL\x10\x07*\x85\x01\n\nAnswerKind\x12\x1b\n\x17\x41NSWER_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41NSWER_KIND_CHOICE\x10\x01\x12\x16\n\x12\x41NSWER_KIND_NUMBER\x10\x02\x12\x14\n\x10\x41NSWER_KIND_TEXT\x10\x03\x12\x14\n\x10\x41NSWER_KIND_MATH\x10\x04*\xcc\x01\n\x0bSegmentKind\x12\x1c\n\x18SEGMENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SEGMENT_KIND_PROMPT\x10\x01\x12\x16\n\x12SEGMENT_KIND_THINK\x10\x02\x12\x1a\n\x16SEGMENT_KIND_TOOL_CALL\x10\x03\x12\x1e\n\x1aSEGMENT_KIND_TOOL_RESPONSE\x10\x04\x12\x17\n\x13SEGMENT_KIND_ANSWER\x10\x05\x12\x19\n\x15SEGMENT_KIND_TEMPLATE\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61xpo/v1/common.proto\x12\x07\x61xpo.v1\"8\n\x05Image\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tmime_type\x18\x03 \x01(\t\"\xc2\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x14\n\x0cstop_strings\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\t \x01(\rB\x07\n\x05_seed\"\x87\x01\n\x11LogprobProcessing\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x18\n\x10\x62iased_token_ids\x18\x04 \x03(\x05\x12\x12\n\nlogit_bias\x18\x05 \x01(\x02\x12\x11\n\tprocessed\x18\x06 \x01(\x08\"n\n\x0bTokenScores\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x11\n\tentropies\x18\x02 \x03(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"B\n\tToolError\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.axpo.v1.ToolErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\"q\n\nToolResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1e\n\x06images\x18\x02 \x03(\x0b\x32\x0e.axpo.v1.Image\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.axpo.v1.ToolError\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\xb8\x01\n\x06Reward\x12\r\n\x05total\x18\x01 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x08\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\x01\x12\x12\n\ntool_bonus\x18\x05 \x01(\x01\x12\x16\n\textracted\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x63hecker\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x11\n\ttimed_out\x18\t \x01(\x08\x42\x0c\n\n_extracted\"a\n\x07Segment\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.axpo.v1.SegmentKind\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\"m\n\x0eToolInvocation\x12\x1f\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x11.axpo.v1.ToolCall\x12#\n\x06result\x18\x02 \x01(\x0b\x32\x13.axpo.v1.ToolResult\x12\x15\n\rsegment_index\x18\x03 \x01(\r\"\xd6\x02\n\nTrajectory\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tloss_mask\x18\x03 \x01(\x0c\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x11\n\tentropies\x18\x05 \x03(\x02\x12\"\n\x08segments\x18\x06 \x03(\x0b\x32\x10.axpo.v1.Segment\x12+\n\ntool_calls\x18\x07 \x03(\x0b\x32\x17.axpo.v1.ToolInvocation\x12\x14\n\x0cimage_sha256\x18\x08 \x03(\t\x12\x1f\n\x06reward\x18\t \x01(\x0b\x32\x0f.axpo.v1.Reward\x12\x15\n\rprompt_length\x18\n \x01(\r\x12\x16\n\x0eresampled_from\x18\x0b \x01(\t\x12\x1c\n\x14\x66rozen_prefix_length\x18\x0c \x01(\r\x12\x11\n\ttruncated\x18\r \x01(\x08\"\xc1\x02\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x13\n\x0bquestion_id\x18\x02 \x01(\t\x12)\n\x0ctrajectories\x18\x03 \x03(\x0b\x32\x13.axpo.v1.Trajectory\x12\x1e\n\x06images\x18\x04 \x03(\x0b\x32\x0e.axpo.v1.Image\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12,\n\x07timings\x18\x08 \x03(\x0b\x32\x1b.axpo.v1.Group.TimingsEntry\x12,\n\x08sampling\x18\t \x01(\x0b\x32\x1a.axpo.v1.LogprobProcessing\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04*\x9f\x02\n\rToolErrorKind\x12\x1f\n\x1bTOOL_ERROR_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dTOOL_ERROR_KIND_BAD_ARGUMENTS\x10\x01\x12\x1b\n\x17TOOL_ERROR_KIND_TIMEOUT\x10\x02\x12\"\n\x1eTOOL_ERROR_KIND_RESOURCE_LIMIT\x10\x03\x12%\n!TOOL_ERROR_KIND_SANDBOX_VIOLATION\x10\x04\x12\x1c\n\x18TOOL_ERROR_KIND_INTERNAL\x10\x05\x12 \n\x1cTOOL_ERROR_KIND_UNKNOWN_TOOL\x10\x06\x12\"\n\x1eTOOL_ERROR_KIND_MALFORMED_CALL\x10\x07*\x85\x01\n\nAnswerKind\x12\x1b\n\x17\x41NSWER_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41NSWER_KIND_CHOICE\x10\x01\x12\x16\n\x12\x41NSWER_KIND_NUMBER\x10\x02\x12\x14\n\x10\x41NSWER_KIND_TEXT\x10\x03\x12\x14\n\x10\x41NSWER_KIND_MATH\x10\x04*\xcc\x01\n\x0bSegmentKind\x12\x1c\n\x18SEGMENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SEGMENT_KIND_PROMPT\x10\x01\x12\x16\n\x12SEGMENT_KIND_THINK\x10\x02\x12\x1a\n\x16SEGMENT_KIND_TOOL_CALL\x10\x03\x12\x1e\n\x1aSEGMENT_KIND_TOOL_RESPONSE\x10\x04\x12\x17\n\x13SEGMENT_KIND_ANSWER\x10\x05\x12\x19\n\x15SEGMENT_KIND_TEMPLATE\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GROUP_TIMINGSENTRY']._loaded_options = None
   _globals['_GROUP_TIMINGSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1671
-  _globals['_FINISHREASON']._serialized_end=1824
-  _globals['_TOOLERRORKIND']._serialized_start=1827
-  _globals['_TOOLERRORKIND']._serialized_end=2114
-  _globals['_ANSWERKIND']._serialized_start=2117
-  _globals['_ANSWERKIND']._serialized_end=2250
-  _globals['_SEGMENTKIND']._serialized_start=2253
-  _globals['_SEGMENTKIND']._serialized_end=2457
+  _globals['_FINISHREASON']._serialized_start=1855
+  _globals['_FINISHREASON']._serialized_end=2008
+  _globals['_TOOLERRORKIND']._serialized_start=2011
+  _globals['_TOOLERRORKIND']._serialized_end=2298
+  _globals['_ANSWERKIND']._serialized_start=2301
+  _globals['_ANSWERKIND']._serialized_end=2434
+  _globals['_SEGMENTKIND']._serialized_start=2437
+  _globals['_SEGMENTKIND']._serialized_end=2641
   _globals['_IMAGE']._serialized_start=33
   _globals['_IMAGE']._serialized_end=89
   _globals['_SAMPLINGPARAMS']._serialized_start=92
   _globals['_SAMPLINGPARAMS']._serialized_end=286
-  _globals['_TOKENSCORES']._serialized_start=288
-  _globals['_TOKENSCORES']._serialized_end=398
-  _globals['_TOOLCALL']._serialized_start=400
-  _globals['_TOOLCALL']._serialized_end=465
-  _globals['_TOOLERROR']._serialized_start=467
-  _globals['_TOOLERROR']._serialized_end=533
-  _globals['_TOOLRESULT']._serialized_start=535
-  _globals['_TOOLRESULT']._serialized_end=648
-  _globals['_REWARD']._serialized_start=651
-  _globals['_REWARD']._serialized_end=835
-  _globals['_SEGMENT']._serialized_start=837
-  _globals['_SEGMENT']._serialized_end=934
-  _globals['_TOOLINVOCATION']._serialized_start=936
-  _globals['_TOOLINVOCATION']._serialized_end=1045
-  _globals['_TRAJECTORY']._serialized_start=1048
-  _globals['_TRAJECTORY']._serialized_end=1390
-  _globals['_GROUP']._serialized_start=1393
-  _globals['_GROUP']._serialized_end=1668
-  _globals['_GROUP_TIMINGSENTRY']._serialized_start=1622
-  _globals['_GROUP_TIMINGSENTRY']._serialized_end=1668
+  _globals['_LOGPROBPROCESSING']._serialized_start=289
+  _globals['_LOGPROBPROCESSING']._serialized_end=424
+  _globals['_TOKENSCORES']._serialized_start=426
+  _globals['_TOKENSCORES']._serialized_end=536
+  _globals['_TOOLCALL']._serialized_start=538
+  _globals['_TOOLCALL']._serialized_end=603
+  _globals['_TOOLERROR']._serialized_start=605
+  _globals['_TOOLERROR']._serialized_end=671
+  _globals['_TOOLRESULT']._serialized_start=673
+  _globals['_TOOLRESULT']._serialized_end=786
+  _globals['_REWARD']._serialized_start=789
+  _globals['_REWARD']._serialized_end=973
+  _globals['_SEGMENT']._serialized_start=975
+  _globals['_SEGMENT']._serialized_end=1072
+  _globals['_TOOLINVOCATION']._serialized_start=1074
+  _globals['_TOOLINVOCATION']._serialized_end=1183
+  _globals['_TRAJECTORY']._serialized_start=1186
+  _globals['_TRAJECTORY']._serialized_end=1528
+  _globals['_GROUP']._serialized_start=1531
+  _globals['_GROUP']._serialized_end=1852
+  _globals['_GROUP_TIMINGSENTRY']._serialized_start=1806
+  _globals['_GROUP_TIMINGSENTRY']._serialized_end=1852
 # @@protoc_insertion_point(module_scope)

@@ -249,6 +249,56 @@ class SamplingParams(_message.Message):
 Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
+class LogprobProcessing(_message.Message):
+    """How the inference engine turned logits into the logprobs it reported for sampled tokens.
+    The learner recomputes its logprobs under the same processing, so the policy ratio compares
+    like with like; groups carry it, so a learner cannot drift from what the rollouts used.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    BIASED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGIT_BIAS_FIELD_NUMBER: _builtins.int
+    PROCESSED_FIELD_NUMBER: _builtins.int
+    temperature: _builtins.float
+    """Logits were divided by this before the softmax (> 0; 0 on the wire means "not reported")."""
+    top_p: _builtins.float
+    """Nucleus mass in (0, 1]; 1 means off."""
+    top_k: _builtins.int
+    """Top-k filter; 0 means off."""
+    logit_bias: _builtins.float
+    processed: _builtins.bool
+    """True: logprobs of the processed distribution (temperature, bias, top-k, top-p applied:
+    vLLM's processed_logprobs); false: of the raw logits (raw_logprobs).
+    """
+    @_builtins.property
+    def biased_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Token ids given `logit_bias` (added to their logits before the temperature): the engine's
+        never-sampled tokens (image placeholders, vision start/end).
+        """
+
+    def __init__(
+        self,
+        *,
+        temperature: _builtins.float = ...,
+        top_p: _builtins.float = ...,
+        top_k: _builtins.int = ...,
+        biased_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logit_bias: _builtins.float = ...,
+        processed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["biased_token_ids", b"biased_token_ids", "logit_bias", b"logit_bias", "processed", b"processed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogprobProcessing: _TypeAlias = LogprobProcessing  # noqa: Y015
+
+@_typing.final
 class TokenScores(_message.Message):
     """Per-token scores of one generated sequence, aligned with its token ids."""
 
@@ -621,6 +671,7 @@ class Group(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
     group_id: _builtins.str
     """Unique id of the group (job, step and question)."""
     question_id: _builtins.str
@@ -643,6 +694,12 @@ class Group(_message.Message):
         "total"); phases overlap across rollouts, so they need not add up to "total".
         """
 
+    @_builtins.property
+    def sampling(self) -> Global___LogprobProcessing:
+        """How the sampled tokens' logprobs were computed (the learner's logprobs follow it); unset:
+        temperature 1, no filter, no bias, processed.
+        """
+
     def __init__(
         self,
         *,
@@ -654,10 +711,11 @@ class Group(_message.Message):
         job_id: _builtins.str = ...,
         created_at: _builtins.float = ...,
         timings: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        sampling: Global___LogprobProcessing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "group_id", b"group_id", "images", b"images", "job_id", b"job_id", "policy_version", b"policy_version", "question_id", b"question_id", "timings", b"timings", "trajectories", b"trajectories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "group_id", b"group_id", "images", b"images", "job_id", b"job_id", "policy_version", b"policy_version", "question_id", b"question_id", "sampling", b"sampling", "timings", b"timings", "trajectories", b"trajectories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from axpo.v1 import common_pb2 as axpo_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61xpo/v1/inference.proto\x12\x07\x61xpo.v1\x1a\x14\x61xpo/v1/common.proto\"\x8a\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1e\n\x06images\x18\x03 \x03(\x0b\x32\x0e.axpo.v1.Image\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.axpo.v1.SamplingParams\"\x9c\x01\n\x06Sample\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12$\n\x06scores\x18\x02 \x01(\x0b\x32\x14.axpo.v1.TokenScores\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.axpo.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\"i\n\x10GenerateResponse\x12 \n\x07samples\x18\x01 \x03(\x0b\x32\x0f.axpo.v1.Sample\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xac\x01\n\x17ResumeFromPrefixRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10prefix_token_ids\x18\x03 \x03(\x05\x12\x1e\n\x06images\x18\x04 \x03(\x0b\x32\x0e.axpo.v1.Image\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.axpo.v1.SamplingParams\"q\n\x18ResumeFromPrefixResponse\x12 \n\x07samples\x18\x01 \x03(\x0b\x32\x0f.axpo.v1.Sample\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\":\n\x12LoadWeightsRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\"V\n\x13LoadWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x16\n\x0etensors_loaded\x18\x02 \x01(\r\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"B\n\x12WeightStreamHeader\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x14\n\x0ctensor_count\x18\x02 \x01(\r\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"x\n\x18LoadWeightsStreamRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.axpo.v1.WeightStreamHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.axpo.v1.TensorChunkH\x00\x42\x06\n\x04item\"t\n\x19LoadWeightsStreamResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x16\n\x0etensors_loaded\x18\x02 \x01(\r\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\"\x1f\n\x1dInferenceServiceStatusRequest\"\xab\x01\n\x1eInferenceServiceStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\r\n\x05max_n\x18\x07 \x01(\r2\xaf\x03\n\x10InferenceService\x12?\n\x08Generate\x12\x18.axpo.v1.GenerateRequest\x1a\x19.axpo.v1.GenerateResponse\x12W\n\x10ResumeFromPrefix\x12 .axpo.v1.ResumeFromPrefixRequest\x1a!.axpo.v1.ResumeFromPrefixResponse\x12H\n\x0bLoadWeights\x12\x1b.axpo.v1.LoadWeightsRequest\x1a\x1c.axpo.v1.LoadWeightsResponse\x12\\\n\x11LoadWeightsStream\x12!.axpo.v1.LoadWeightsStreamRequest\x1a\".axpo.v1.LoadWeightsStreamResponse(\x01\x12Y\n\x06Status\x12&.axpo.v1.InferenceServiceStatusRequest\x1a\'.axpo.v1.InferenceServiceStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61xpo/v1/inference.proto\x12\x07\x61xpo.v1\x1a\x14\x61xpo/v1/common.proto\"\x8a\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1e\n\x06images\x18\x03 \x03(\x0b\x32\x0e.axpo.v1.Image\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.axpo.v1.SamplingParams\"\xcc\x01\n\x06Sample\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12$\n\x06scores\x18\x02 \x01(\x0b\x32\x14.axpo.v1.TokenScores\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.axpo.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12.\n\nprocessing\x18\x06 \x01(\x0b\x32\x1a.axpo.v1.LogprobProcessing\"i\n\x10GenerateResponse\x12 \n\x07samples\x18\x01 \x03(\x0b\x32\x0f.axpo.v1.Sample\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xac\x01\n\x17ResumeFromPrefixRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10prefix_token_ids\x18\x03 \x03(\x05\x12\x1e\n\x06images\x18\x04 \x03(\x0b\x32\x0e.axpo.v1.Image\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.axpo.v1.SamplingParams\"q\n\x18ResumeFromPrefixResponse\x12 \n\x07samples\x18\x01 \x03(\x0b\x32\x0f.axpo.v1.Sample\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\":\n\x12LoadWeightsRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\"V\n\x13LoadWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x16\n\x0etensors_loaded\x18\x02 \x01(\r\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"B\n\x12WeightStreamHeader\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x14\n\x0ctensor_count\x18\x02 \x01(\r\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"x\n\x18LoadWeightsStreamRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.axpo.v1.WeightStreamHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.axpo.v1.TensorChunkH\x00\x42\x06\n\x04item\"t\n\x19LoadWeightsStreamResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x16\n\x0etensors_loaded\x18\x02 \x01(\r\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\"\x1f\n\x1dInferenceServiceStatusRequest\"\xab\x01\n\x1eInferenceServiceStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\r\n\x05max_n\x18\x07 \x01(\r2\xaf\x03\n\x10InferenceService\x12?\n\x08Generate\x12\x18.axpo.v1.GenerateRequest\x1a\x19.axpo.v1.GenerateResponse\x12W\n\x10ResumeFromPrefix\x12 .axpo.v1.ResumeFromPrefixRequest\x1a!.axpo.v1.ResumeFromPrefixResponse\x12H\n\x0bLoadWeights\x12\x1b.axpo.v1.LoadWeightsRequest\x1a\x1c.axpo.v1.LoadWeightsResponse\x12\\\n\x11LoadWeightsStream\x12!.axpo.v1.LoadWeightsStreamRequest\x1a\".axpo.v1.LoadWeightsStreamResponse(\x01\x12Y\n\x06Status\x12&.axpo.v1.InferenceServiceStatusRequest\x1a\'.axpo.v1.InferenceServiceStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=59
   _globals['_GENERATEREQUEST']._serialized_end=197
   _globals['_SAMPLE']._serialized_start=200
-  _globals['_SAMPLE']._serialized_end=356
-  _globals['_GENERATERESPONSE']._serialized_start=358
-  _globals['_GENERATERESPONSE']._serialized_end=463
-  _globals['_RESUMEFROMPREFIXREQUEST']._serialized_start=466
-  _globals['_RESUMEFROMPREFIXREQUEST']._serialized_end=638
-  _globals['_RESUMEFROMPREFIXRESPONSE']._serialized_start=640
-  _globals['_RESUMEFROMPREFIXRESPONSE']._serialized_end=753
-  _globals['_LOADWEIGHTSREQUEST']._serialized_start=755
-  _globals['_LOADWEIGHTSREQUEST']._serialized_end=813
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=815
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=901
-  _globals['_WEIGHTSTREAMHEADER']._serialized_start=903
-  _globals['_WEIGHTSTREAMHEADER']._serialized_end=969
-  _globals['_TENSORCHUNK']._serialized_start=971
-  _globals['_TENSORCHUNK']._serialized_end=1079
-  _globals['_LOADWEIGHTSSTREAMREQUEST']._serialized_start=1081
-  _globals['_LOADWEIGHTSSTREAMREQUEST']._serialized_end=1201
-  _globals['_LOADWEIGHTSSTREAMRESPONSE']._serialized_start=1203
-  _globals['_LOADWEIGHTSSTREAMRESPONSE']._serialized_end=1319
-  _globals['_INFERENCESERVICESTATUSREQUEST']._serialized_start=1321
-  _globals['_INFERENCESERVICESTATUSREQUEST']._serialized_end=1352
-  _globals['_INFERENCESERVICESTATUSRESPONSE']._serialized_start=1355
-  _globals['_INFERENCESERVICESTATUSRESPONSE']._serialized_end=1526
-  _globals['_INFERENCESERVICE']._serialized_start=1529
-  _globals['_INFERENCESERVICE']._serialized_end=1960
+  _globals['_SAMPLE']._serialized_end=404
+  _globals['_GENERATERESPONSE']._serialized_start=406
+  _globals['_GENERATERESPONSE']._serialized_end=511
+  _globals['_RESUMEFROMPREFIXREQUEST']._serialized_start=514
+  _globals['_RESUMEFROMPREFIXREQUEST']._serialized_end=686
+  _globals['_RESUMEFROMPREFIXRESPONSE']._serialized_start=688
+  _globals['_RESUMEFROMPREFIXRESPONSE']._serialized_end=801
+  _globals['_LOADWEIGHTSREQUEST']._serialized_start=803
+  _globals['_LOADWEIGHTSREQUEST']._serialized_end=861
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=863
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=949
+  _globals['_WEIGHTSTREAMHEADER']._serialized_start=951
+  _globals['_WEIGHTSTREAMHEADER']._serialized_end=1017
+  _globals['_TENSORCHUNK']._serialized_start=1019
+  _globals['_TENSORCHUNK']._serialized_end=1127
+  _globals['_LOADWEIGHTSSTREAMREQUEST']._serialized_start=1129
+  _globals['_LOADWEIGHTSSTREAMREQUEST']._serialized_end=1249
+  _globals['_LOADWEIGHTSSTREAMRESPONSE']._serialized_start=1251
+  _globals['_LOADWEIGHTSSTREAMRESPONSE']._serialized_end=1367
+  _globals['_INFERENCESERVICESTATUSREQUEST']._serialized_start=1369
+  _globals['_INFERENCESERVICESTATUSREQUEST']._serialized_end=1400
+  _globals['_INFERENCESERVICESTATUSRESPONSE']._serialized_start=1403
+  _globals['_INFERENCESERVICESTATUSRESPONSE']._serialized_end=1574
+  _globals['_INFERENCESERVICE']._serialized_start=1577
+  _globals['_INFERENCESERVICE']._serialized_end=2008
 # @@protoc_insertion_point(module_scope)

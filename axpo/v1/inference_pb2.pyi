@@ -66,6 +66,7 @@ class Sample(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     STOP_STRING_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    PROCESSING_FIELD_NUMBER: _builtins.int
     finish_reason: _common_pb2.FinishReason.ValueType
     stop_string: _builtins.str
     """The stop string that ended generation, when FINISH_REASON_STOP_SEQUENCE came from a string."""
@@ -75,6 +76,10 @@ class Sample(_message.Message):
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def scores(self) -> _common_pb2.TokenScores: ...
+    @_builtins.property
+    def processing(self) -> _common_pb2.LogprobProcessing:
+        """How the engine computed `scores.logprobs` (the same for every sample of a request)."""
+
     def __init__(
         self,
         *,
@@ -83,10 +88,11 @@ class Sample(_message.Message):
         finish_reason: _common_pb2.FinishReason.ValueType = ...,
         stop_string: _builtins.str = ...,
         policy_version: _builtins.int = ...,
+        processing: _common_pb2.LogprobProcessing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scores", b"scores"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["processing", b"processing", "scores", b"scores"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "policy_version", b"policy_version", "scores", b"scores", "stop_string", b"stop_string", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "policy_version", b"policy_version", "processing", b"processing", "scores", b"scores", "stop_string", b"stop_string", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

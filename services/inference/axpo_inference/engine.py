@@ -37,7 +37,7 @@ from axpo.telemetry.logs import get_logger, log_event
 from axpo_inference.checkpoint import read_safetensors_specs
 from axpo_inference.errors import EngineDeadError, InvalidRequestError
 from axpo_inference.images import ImageCache, decode_images, expanded_length, image_grid
-from axpo_inference.sampling import to_sample, vllm_params
+from axpo_inference.sampling import processing, to_sample, vllm_params
 from axpo_inference.stats import make_kv_logger
 from axpo_inference.weights import WEIGHT_LOADER_ENV, WeightSwap
 
@@ -397,8 +397,9 @@ class InferenceEngine(WeightSwap):
             if self._inflight == 0:
                 self._idle.set()
         outputs = [c for f in finals for c in sorted(f.outputs, key=lambda c: c.index)]
+        how = processing(params, self.unsampled_token_ids, self.settings.logprobs_mode)
         samples = tuple(
-            to_sample(c, params, version, self.settings.entropy_top_logprobs) for c in outputs
+            to_sample(c, params, version, self.settings.entropy_top_logprobs, how) for c in outputs
         )
         prompt_len = len(finals[0].prompt_token_ids or ids)
         cached = min(int(f.num_cached_tokens or 0) for f in finals)

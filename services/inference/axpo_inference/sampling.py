@@ -16,8 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from axpo.contracts.domain import FinishReason, Sample, SamplingParams, TokenScores
+from axpo.contracts.domain import (
+    FinishReason,
+    LogprobProcessing,
+    Sample,
+    SamplingParams,
+    TokenScores,
+)
 from axpo_inference.entropy import topk_entropy
+
+UNSAMPLED_LOGIT_BIAS = -100.0
+"""Logit bias of the never-sampled (vision) tokens."""
 
 
 def vllm_params(
@@ -42,14 +51,35 @@ def vllm_params(
         logprobs=max(params.top_logprobs, entropy_top_logprobs),
         output_kind=RequestOutputKind.FINAL_ONLY,
         skip_special_tokens=False,
-        logit_bias=dict.fromkeys(unsampled_token_ids, -100.0) or None,
+        logit_bias=dict.fromkeys(unsampled_token_ids, UNSAMPLED_LOGIT_BIAS) or None,
     )
 
 
-def to_sample(out: Any, params: SamplingParams, version: int, entropy_top_logprobs: int) -> Sample:
-    """The :class:`Sample` of one vLLM ``CompletionOutput``, stamped with ``version``: scores
-    from its logprobs (entropy from the top ``entropy_top_logprobs``), the finish reason
-    mapped to ours."""
+def processing(
+    params: SamplingParams, unsampled_token_ids: Sequence[int], logprobs_mode: str
+) -> LogprobProcessing:
+    """How vLLM computes the reported logprobs of a request sampled with ``params`` by
+    :func:`vllm_params`: the bias on ``unsampled_token_ids``, then temperature, top-k, top-p
+    (``processed_logprobs``), or none of it (``raw_logprobs``)."""
+    ids = tuple(sorted(int(t) for t in unsampled_token_ids))
+    return LogprobProcessing.of(
+        params,
+        biased_token_ids=ids,
+        logit_bias=UNSAMPLED_LOGIT_BIAS if ids else 0.0,
+        processed=logprobs_mode == "processed_logprobs",
+    )
+
+
+def to_sample(
+    out: Any,
+    params: SamplingParams,
+    version: int,
+    entropy_top_logprobs: int,
+    processing: LogprobProcessing | None = None,
+) -> Sample:
+    """The :class:`Sample` of one vLLM ``CompletionOutput``, stamped with ``version`` and the
+    ``processing`` its logprobs went through: scores from its logprobs (entropy from the top
+    ``entropy_top_logprobs``), the finish reason mapped to ours."""
     token_ids = tuple(int(t) for t in out.token_ids)
     k = params.top_logprobs
     logprobs: list[float] = []
@@ -97,4 +127,5 @@ def to_sample(out: Any, params: SamplingParams, version: int, entropy_top_logpro
         finish_reason=reason,
         policy_version=version,
         stop_string=stop_string,
+        processing=processing,
     )

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from axpo import algorithm
-from axpo.contracts.domain import Group, Image, Trajectory
+from axpo.contracts.domain import Group, Image, LogprobProcessing, Trajectory
 from axpo.settings.job import AlgorithmSpec
 
 
@@ -44,6 +44,8 @@ class Row:
     image_grid_thw: torch.Tensor | None = field(default=None, compare=False, repr=False)
     # The policy version the group was sampled with (its oldest turn's).
     policy_version: int = 0
+    # How the engine computed rollout_logprobs (the group's); the learner's logprobs follow it.
+    processing: LogprobProcessing = field(default_factory=LogprobProcessing)
 
 
 @dataclass
@@ -238,6 +240,7 @@ def rows_from_groups(
                 rollout_logprobs=t.logprobs,
                 advantage=adv,
                 policy_version=g.policy_version,
+                processing=g.sampling,
             )
             if t.image_sha256:
                 if images is None:
@@ -275,13 +278,11 @@ def _with_images(
             "placeholder"
         )
     n = len(ids)
-    return Row(
-        group_id=row.group_id,
-        trajectory_id=row.trajectory_id,
+    return dataclasses.replace(
+        row,
         token_ids=ids,
         loss_mask=moved(row.loss_mask, where, n, False),
         rollout_logprobs=moved(row.rollout_logprobs, where, n, 0.0),
-        advantage=row.advantage,
         pixel_values=torch.cat([pv for pv, _ in encoded]),
         image_grid_thw=grids,
     )

@@ -91,18 +91,50 @@ def init_from_env(device: str = "auto") -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, device=where)
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(
+    model: torch.nn.Module, *, device_type: str | None = None, offload: Any = None
+) -> torch.nn.Module:
     """Apply FSDP2 to ``model`` in place: each decoder layer, then the root (gradients are
-    averaged across ranks: scale the loss by :func:`grad_scale`)."""
+    averaged across ranks: scale the loss by :func:`grad_scale`). The mesh is on this
+    process's device type (``device_type``, default the model's: ``cuda`` with NCCL, ``cpu``
+    with gloo); ``offload`` (an FSDP2 ``CPUOffloadPolicy``) keeps the shards in host memory,
+    the model then staying there."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
-    device = next(model.parameters()).device.type
+    device = device_type or next(model.parameters()).device.type
     mesh = init_device_mesh(device, (dist.get_world_size(),))
+    policy = offload if offload is not None else OffloadPolicy()
     for module in list(model.modules()):
         if type(module).__name__.endswith(_LAYER_SUFFIXES):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)
+    return model
+
+
+def place_reference(model: torch.nn.Module, world: World, placement: str) -> torch.nn.Module:
+    """Put the KL reference (a frozen copy of the policy, on the host) where ``placement``
+    says. ``device``: on the learner's device, and under torchrun sharded like the policy
+    (:func:`shard_model`), so a rank holds 1/world of it. ``host``: under torchrun, sharded
+    and kept in pinned host memory by FSDP2's ``CPUOffloadPolicy`` (each layer is copied to
+    the device for its forward only); on a CPU device the host is the device. One process on
+    a GPU cannot offload (FSDP2 needs a process group): a clear error says so."""
+    device = world.device
+    if placement == "device" or device.type == "cpu":
+        model.to(device)
+        if world.distributed:
+            shard_model(model)
+        return model
+    if placement != "host":
+        raise ValueError(f"reference_placement: unknown placement {placement!r}")
+    if not world.distributed:
+        raise ValueError(
+            "reference_placement: host offloads the reference through FSDP2, which needs "
+            "torchrun with 2 or more processes; in one process use device"
+        )
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    shard_model(model, device_type=device.type, offload=CPUOffloadPolicy(pin_memory=True))
     return model
 
 

@@ -31,7 +31,8 @@ from axpo.contracts.domain import Group
 from axpo.settings.job import AlgorithmSpec
 from axpo.settings.learner import LearnerSettings
 from axpo_learner import distributed
-from axpo_learner.batch import ImageEncoder, MicroBatch, micro_batches, rows_from_groups
+from axpo_learner.batch import ImageEncoder, micro_batches, rows_from_groups
+from axpo_learner.logprobs import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,6 @@ def load_policy(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     model.train()
     processor = AutoProcessor.from_pretrained(str(path))  # type: ignore[no-untyped-call]
     return model, processor
-
-
-def token_logprobs(
-    model: Any, batch: MicroBatch, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logprobs and entropies ``[rows, time-1]`` of tokens ``1..`` under ``model`` (position t
-    predicted from the logits at t-1), logits divided by ``temperature``. Images go in as
-    ``pixel_values``/``image_grid_thw``; the model computes its M-RoPE positions itself."""
-    out = model(**batch.model_inputs(), use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    targets = batch.input_ids[:, 1:]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
 
 
 class FreshMismatch:
@@ -126,12 +111,17 @@ class Trainer:
         self.world = distributed.init_from_env(settings.device)
         seed_everything(settings.seed)
         self.model, self.processor = load_policy(settings.model, settings.dtype)
-        self.model.to(self.world.device)  # before the reference copy and FSDP: both follow it
+        if settings.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         self.reference = None
-        if settings.kl_coef > 0:
+        if settings.kl_coef > 0:  # copied on the host, before the policy moves
             self.reference = copy.deepcopy(self.model).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
+            distributed.place_reference(self.reference, self.world, settings.reference_placement)
+        self.model.to(self.world.device)
         if self.world.distributed:
             distributed.shard_model(self.model)
         self.optimizer = torch.optim.AdamW(
@@ -180,18 +170,26 @@ class Trainer:
         fresh = FreshMismatch()
         for host_mb, live in distributed.share(batches, self.world):
             mb = host_mb.to(self.world.device)
-            logp, entropy = token_logprobs(self.model, mb, s.temperature)
             mask = mb.loss_mask[:, 1:]
+            how = [r.processing for r in mb.rows]
+            chunk = s.logprob_chunk_tokens
+            logp, entropy = token_logprobs(self.model, mb, how, chunk_tokens=chunk, positions=mask)
             rollout = mb.rollout_logprobs[:, 1:]
             if live:
                 no_lag = [r.policy_version == self.policy_version for r in mb.rows]
                 fresh_rows = torch.tensor(no_lag, dtype=torch.bool, device=mask.device)
                 fresh.add(logp.detach(), rollout, mask & fresh_rows[:, None])
             old = rollout if s.behavior_logprobs == "rollout" else logp.detach()
+            weights_is = None
+            if s.tis_cap is not None:
+                # pi_old / pi_rollout, truncated; 1 when the ratio is already against the engine.
+                weights_is = (old - rollout).exp().clamp(max=s.tis_cap) * mask
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref, _ = token_logprobs(self.reference, mb, s.temperature)
+                    ref, _ = token_logprobs(
+                        self.reference, mb, how, chunk_tokens=chunk, positions=mask
+                    )
             out = algorithm.policy_loss(
                 logp,
                 old,
@@ -206,6 +204,7 @@ class Trainer:
                 kl_coef=s.kl_coef,
                 entropies=entropy,
                 rollout_logprobs=rollout,
+                is_weights=weights_is,
             )
             if not live:  # padding pass: same collectives as the other ranks, no gradient
                 (out.loss * 0.0).backward()  # type: ignore[no-untyped-call]

@@ -90,10 +90,11 @@ def test_a_step_on_cuda_keeps_model_and_batches_on_the_gpu(tiny, monkeypatch):
     seen: list[torch.device] = []
     real = trainer_mod.token_logprobs
 
-    def spy(model, batch, temperature=1.0):
+    def spy(model, batch, processing, **kw):
         seen.extend(v.device for v in batch.model_inputs().values())
         seen.extend(t.device for t in (batch.loss_mask, batch.advantages, batch.rollout_logprobs))
-        return real(model, batch, temperature)
+        seen.extend(t.device for t in kw.values() if isinstance(t, torch.Tensor))
+        return real(model, batch, processing, **kw)
 
     monkeypatch.setattr(trainer_mod, "token_logprobs", spy)
     t = Trainer(LearnerSettings(model=str(tiny), device="cuda", micro_batch_tokens=40))

@@ -20,7 +20,8 @@ from axpo.settings.job import AlgorithmSpec
 from axpo.settings.learner import LearnerSettings
 from axpo.study.tiny_model import build_tiny_model
 from axpo_learner.batch import ImageEncoder, collate, rows_from_groups
-from axpo_learner.trainer import Trainer, load_policy, token_logprobs
+from axpo_learner.logprobs import token_logprobs
+from axpo_learner.trainer import Trainer, load_policy
 
 ARGS = {"bbox_2d": [100, 200, 600, 700], "label": "the red block", "img_idx": 0}
 REASONING = ("I need to look at the red block more closely.", "So the answer is 3.")

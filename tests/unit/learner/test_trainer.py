@@ -144,7 +144,7 @@ def _own_logprobs(t: Trainer, groups: list[Group]) -> list[Group]:
             ids = torch.tensor([traj.token_ids])
             with torch.no_grad():
                 logits = t.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            lp = torch.log_softmax(logits / t.settings.temperature, -1)
+            lp = torch.log_softmax(logits, -1)  # the groups' sampling: plain
             own = lp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
             trajs.append(dataclasses.replace(traj, logprobs=(0.0, *own)))
         out.append(dataclasses.replace(g, trajectories=tuple(trajs)))

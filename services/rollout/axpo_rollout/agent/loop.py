@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from axpo.contracts.domain import Group, SegmentKind
+from axpo.contracts.domain import Group, LogprobProcessing, SegmentKind
 from axpo.study.tasks import Task
 from axpo_rollout.agent.resampling import AxpoResampling, Speculation
 from axpo_rollout.agent.state import Timings, to_trajectory
@@ -41,9 +41,13 @@ class AgentLoop(AxpoResampling):
         group_id = group_id or f"{self.spec.name}-{task.task_id}-{uuid.uuid4().hex[:8]}"
         base = self.initial_state(task)
         t0 = time.perf_counter()
-        first = self.backend.generate(
-            base.tokens, base.images, self.sampling(alg.group_size, self._budget(base))
-        )
+        params = self.sampling(alg.group_size, self._budget(base))
+        first = self.backend.generate(base.tokens, base.images, params)
+        # Every turn of the group samples with the job's parameters on the same engine, so the
+        # first turn's processing is the group's; a backend that does not report it gets the
+        # request's own (no logit bias).
+        reported = next((s.processing for s in first if s.processing is not None), None)
+        sampling = reported or LogprobProcessing.of(params)
         timings.add("generate_s", time.perf_counter() - t0)
         states, callers = self._first_turns(base, first)
         speculative: dict[tuple[int, int, int], Speculation] = {}
@@ -88,4 +92,5 @@ class AgentLoop(AxpoResampling):
             job_id=self.spec.name,
             created_at=time.time(),
             timings=tuple(sorted(timings_out.items())),
+            sampling=sampling,
         )
