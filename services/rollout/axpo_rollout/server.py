@@ -13,9 +13,10 @@ import logging
 import threading
 from pathlib import Path
 
+from axpo.contracts.template_check import TemplateReport, check_chat_template
 from axpo.queue import TrajectoryQueue, connect
 from axpo.rpc.server import serve_forever, start_server
-from axpo.settings.job import load_job_spec
+from axpo.settings.job import JobSpec, load_job_spec
 from axpo.settings.rollout import RolloutSettings
 from axpo.telemetry.logs import configure_logging, log_event
 from axpo_rollout.agent import AgentLoop, Vocab
@@ -64,11 +65,31 @@ def _metrics(worker: RolloutWorker, port: int) -> object:
     return server
 
 
+def check_template(checkpoint: str, spec: JobSpec) -> TemplateReport:
+    """Refuse to start (TemplateMismatch) on a checkpoint whose own chat template renders other
+    tokens than the loop builds (axpo.contracts.template_check), checked with the job's system
+    prompt. Before anything is started or waited on, so a wrong checkpoint fails at once; the
+    sample zoom tool stands in for the tool server's schemas (rendered the same way)."""
+    tools = None if spec.rollout.tools else []
+    report = check_chat_template(checkpoint, system=spec.rollout.system_prompt, tools=tools)
+    log_event(
+        log,
+        logging.INFO,
+        "chat template checked",
+        checkpoint=str(report.checkpoint),
+        templates=list(report.sources),
+        tokens=report.tokens,
+        seconds=report.seconds,
+    )
+    return report
+
+
 def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
     configure_logging(settings.log, service="rollout")
     if not settings.job_spec:
         raise ValueError("serve rollout: AXPO_ROLLOUT_JOB_SPEC (a job spec YAML) is required")
     spec = load_job_spec(settings.job_spec)
+    check_template(settings.tokenizer or spec.model, spec)
     backend = GrpcBackend(settings.inference, settings.tools, settings.verifier)
     client, redis_server = connect(settings.queue)
     try:
