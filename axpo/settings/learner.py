@@ -27,8 +27,12 @@ class LearnerSettings(BaseSettings):
     """Logging."""
     model: str = ""
     """Checkpoint directory or hub name of the initial policy (the serving replicas' model)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Parameter and compute dtype (optimizer states follow the parameters)."""
+    dtype: Literal["float32", "bfloat16", "bf16-mixed"] = "float32"
+    """``float32`` or ``bfloat16``: parameter and compute dtype (optimizer states follow the
+    parameters). ``bf16-mixed``: float32 parameters and AdamW states (the master weights), the
+    forward and backward in bfloat16 (``torch.autocast`` in one process; FSDP2's
+    ``MixedPrecisionPolicy`` under torchrun, gradients reduced in float32); weights are
+    published in bfloat16, the dtype the inference replicas serve."""
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     """Where the model, its reference and every batch live: ``auto`` is this process's GPU
     (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available, else ``cpu``; or ``cpu``,

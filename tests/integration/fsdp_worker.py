@@ -3,7 +3,8 @@
 Step 1 on three groups, then a sharded checkpoint in ``CKPT``, then step 2; then a second
 trainer (fresh, as after a restart) loads that checkpoint and takes step 2 again. Rank 0 writes
 to ``OUT`` (torch.save): step 1's metrics and a few full parameters, both step 2's metrics and
-whether the two trainers' full weights after step 2 are bit-identical."""
+whether the two trainers' full weights after step 2 are bit-identical; then a trainer with a KL
+term: whether its reference is sharded, and its step's metrics."""
 
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ def main() -> None:
     assert (resumed.step, resumed.policy_version) == (1, 1)
     step2_resumed = resumed.train_step([text_group(g) for g in STEP2])
     weights_resumed = resumed.full_state_dict()
+
+    # With a KL term the reference is sharded like the policy: a rank holds its shard only.
+    kl = Trainer(s.model_copy(update={"kl_coef": 0.1}))
+    assert kl.reference is not None
+    ref_params = list(kl.reference.parameters())
+    sharded = all(type(p).__name__ == "DTensor" for p in ref_params)
+    local = sum(p.to_local().numel() for p in ref_params if hasattr(p, "to_local"))
+    kl_step = kl.train_step([text_group(g) for g in STEP1])
     if t.world.rank == 0:
         assert weights is not None
         assert weights_resumed is not None
@@ -70,6 +79,9 @@ def main() -> None:
                 "step2_resumed": step2_resumed,
                 "identical": identical,
                 "full_names": sorted(weights),
+                "reference_sharded": sharded,
+                "reference_local_fraction": local / sum(p.numel() for p in ref_params),
+                "kl_step": kl_step,
             },
             out,
         )

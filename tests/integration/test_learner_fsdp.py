@@ -84,6 +84,13 @@ def test_two_process_fsdp_step_matches_one_process(tiny_model: Path, tmp_path: P
     assert got["step2_resumed"]["grad_norm"] == got["step2"]["grad_norm"]
     assert got["full_names"] == sorted(state)  # rank 0 gathered every tensor to publish
 
+    # The KL reference is sharded like the policy (not a full copy per rank), and equals the
+    # policy at the first step: KL 0, the same loss as without it.
+    assert got["reference_sharded"]
+    assert got["reference_local_fraction"] <= 0.55
+    assert got["kl_step"]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert got["kl_step"]["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-7)
+
     # The same checkpoint in 1 process: DCP reshards the parameters and Adam's states.
     resumed = Trainer(_settings(tiny_model))
     info = checkpoint.load_latest(resumed, ckpt)

@@ -92,38 +92,49 @@ def init_from_env(device: str = "auto") -> World:
 
 
 def shard_model(
-    model: torch.nn.Module, *, device_type: str | None = None, offload: Any = None
+    model: torch.nn.Module,
+    *,
+    device_type: str | None = None,
+    offload: Any = None,
+    mixed_bf16: bool = False,
 ) -> torch.nn.Module:
     """Apply FSDP2 to ``model`` in place: each decoder layer, then the root (gradients are
     averaged across ranks: scale the loss by :func:`grad_scale`). The mesh is on this
     process's device type (``device_type``, default the model's: ``cuda`` with NCCL, ``cpu``
     with gloo); ``offload`` (an FSDP2 ``CPUOffloadPolicy``) keeps the shards in host memory,
-    the model then staying there."""
+    the model then staying there. ``mixed_bf16``: float32 shards (the master weights),
+    gathered as bfloat16 for compute, gradients reduced in float32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     device = device_type or next(model.parameters()).device.type
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     policy = offload if offload is not None else OffloadPolicy()
+    mp = MixedPrecisionPolicy()
+    if mixed_bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for module in list(model.modules()):
         if type(module).__name__.endswith(_LAYER_SUFFIXES):
-            fully_shard(module, mesh=mesh, offload_policy=policy)
-    fully_shard(model, mesh=mesh, offload_policy=policy)
+            fully_shard(module, mesh=mesh, offload_policy=policy, mp_policy=mp)
+    fully_shard(model, mesh=mesh, offload_policy=policy, mp_policy=mp)
     return model
 
 
-def place_reference(model: torch.nn.Module, world: World, placement: str) -> torch.nn.Module:
+def place_reference(
+    model: torch.nn.Module, world: World, placement: str, *, mixed_bf16: bool = False
+) -> torch.nn.Module:
     """Put the KL reference (a frozen copy of the policy, on the host) where ``placement``
     says. ``device``: on the learner's device, and under torchrun sharded like the policy
     (:func:`shard_model`), so a rank holds 1/world of it. ``host``: under torchrun, sharded
     and kept in pinned host memory by FSDP2's ``CPUOffloadPolicy`` (each layer is copied to
     the device for its forward only); on a CPU device the host is the device. One process on
-    a GPU cannot offload (FSDP2 needs a process group): a clear error says so."""
+    a GPU cannot offload (FSDP2 needs a process group): a clear error says so. ``mixed_bf16``:
+    computes in bfloat16 like a ``bf16-mixed`` policy."""
     device = world.device
     if placement == "device" or device.type == "cpu":
         model.to(device)
         if world.distributed:
-            shard_model(model)
+            shard_model(model, mixed_bf16=mixed_bf16)
         return model
     if placement != "host":
         raise ValueError(f"reference_placement: unknown placement {placement!r}")
@@ -134,7 +145,8 @@ def place_reference(model: torch.nn.Module, world: World, placement: str) -> tor
         )
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    shard_model(model, device_type=device.type, offload=CPUOffloadPolicy(pin_memory=True))
+    offload = CPUOffloadPolicy(pin_memory=True)
+    shard_model(model, device_type=device.type, offload=offload, mixed_bf16=mixed_bf16)
     return model
 
 

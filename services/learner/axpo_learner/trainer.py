@@ -16,6 +16,7 @@ Trajectories with images are expanded and carry their pixels (:mod:`axpo_learner
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -50,10 +51,13 @@ def seed_everything(seed: int) -> None:
 
 
 def load_policy(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """The model (train mode) and its processor from a checkpoint directory or hub name."""
+    """The model (train mode) and its processor from a checkpoint directory or hub name, its
+    parameters in ``dtype`` (float32 for ``bf16-mixed``)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=_DTYPES[dtype])
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path), dtype=_DTYPES.get(dtype, torch.float32)
+    )
     model.train()
     processor = AutoProcessor.from_pretrained(str(path))  # type: ignore[no-untyped-call]
     return model, processor
@@ -120,10 +124,19 @@ class Trainer:
             self.reference = copy.deepcopy(self.model).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
-            distributed.place_reference(self.reference, self.world, settings.reference_placement)
+            distributed.place_reference(
+                self.reference,
+                self.world,
+                settings.reference_placement,
+                mixed_bf16=settings.dtype == "bf16-mixed",
+            )
         self.model.to(self.world.device)
+        mixed = settings.dtype == "bf16-mixed"
         if self.world.distributed:
-            distributed.shard_model(self.model)
+            distributed.shard_model(self.model, mixed_bf16=mixed)
+        # bf16-mixed in one process: autocast around every forward (FSDP2 casts by itself).
+        self._autocast = mixed and not self.world.distributed
+        self.publish_dtype = torch.bfloat16 if mixed else None
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=settings.lr,
@@ -173,7 +186,10 @@ class Trainer:
             mask = mb.loss_mask[:, 1:]
             how = [r.processing for r in mb.rows]
             chunk = s.logprob_chunk_tokens
-            logp, entropy = token_logprobs(self.model, mb, how, chunk_tokens=chunk, positions=mask)
+            with self.compute():
+                logp, entropy = token_logprobs(
+                    self.model, mb, how, chunk_tokens=chunk, positions=mask
+                )
             rollout = mb.rollout_logprobs[:, 1:]
             if live:
                 no_lag = [r.policy_version == self.policy_version for r in mb.rows]
@@ -186,7 +202,7 @@ class Trainer:
                 weights_is = (old - rollout).exp().clamp(max=s.tis_cap) * mask
             ref = None
             if self.reference is not None:
-                with torch.no_grad():
+                with torch.no_grad(), self.compute():
                     ref, _ = token_logprobs(
                         self.reference, mb, how, chunk_tokens=chunk, positions=mask
                     )
@@ -245,19 +261,35 @@ class Trainer:
             )
         return metrics
 
+    def compute(self) -> contextlib.AbstractContextManager[Any]:
+        """The context every forward runs in: bfloat16 autocast for ``bf16-mixed`` in one
+        process, else nothing."""
+        if self._autocast:
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's tensors under ``state_dict`` names, on CPU, for publication.
-        Under FSDP2 the shards are gathered to rank 0 (a collective: call it on every rank) and
-        other ranks get None; in one process it is the model's own state dict (no copy)."""
+        """The whole model's tensors under ``state_dict`` names, for publication, in
+        ``publish_dtype`` when set. Under FSDP2 the shards are gathered to rank 0's host memory
+        (a collective: call it on every rank) and other ranks get None; in one process it is
+        the model's own state dict (no copy), or host copies cast one tensor at a time."""
         if not self.world.distributed:
-            return dict(self.model.state_dict())
+            state = dict(self.model.state_dict())
+            if self.publish_dtype is None:
+                return state
+            return {k: v.detach().to("cpu", dtype=self.publish_dtype) for k, v in state.items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
         if self.world.rank != 0:
             return None
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        cast = self.publish_dtype
+        return {
+            k: v if cast is None else v.to(cast)
+            for k, v in state.items()
+            if isinstance(v, torch.Tensor)
+        }
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -84,6 +84,30 @@ def test_bfloat16_step_matches_float32_on_cpu(tiny):
     assert b["logprob_mismatch_mean"] == pytest.approx(a["logprob_mismatch_mean"], rel=1e-2)
 
 
+def test_bf16_mixed_keeps_float32_master_weights_and_computes_in_bfloat16(tiny, monkeypatch):
+    base = {"model": str(tiny), "lr": 1e-3, "seed": 1, "device": "cpu"}
+    fp32 = Trainer(LearnerSettings(**base))
+    mixed = Trainer(LearnerSettings(**base, dtype="bf16-mixed"))
+    seen: list[torch.dtype] = []
+    linear = next(m for n, m in mixed.model.named_modules() if n.endswith("mlp.down_proj"))
+    linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    a, b = fp32.train_step(make_groups(0)), mixed.train_step(make_groups(0))
+    assert seen  # the layers ran in bfloat16 ...
+    assert set(seen) == {torch.bfloat16}
+    # ... on float32 parameters and AdamW states (the master weights).
+    assert {p.dtype for p in mixed.model.parameters()} == {torch.float32}
+    states = [v for st in mixed.optimizer.state.values() for v in st.values() if v.dim() > 0]
+    assert states
+    assert {v.dtype for v in states} == {torch.float32}
+    assert b["loss"] == pytest.approx(a["loss"], rel=3e-2)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-2)
+    # Published in bfloat16 (what a replica serving the checkpoint in bf16 accepts), on the host.
+    published = mixed.full_state_dict()
+    assert published is not None
+    assert {v.dtype for v in published.values()} == {torch.bfloat16}
+    assert {v.device.type for v in published.values()} == {"cpu"}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_step_on_cuda_keeps_model_and_batches_on_the_gpu(tiny, monkeypatch):
