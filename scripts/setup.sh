@@ -16,7 +16,8 @@ if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.versio
   .venv/bin/python -m pip install -q -r requirements-inference.txt
 fi
 .venv/bin/python -m pip install -q -e ".[model,report]" -e services/verifier -e services/tools \
-  -e services/inference -e services/learner -e services/rollout -r requirements-dev.txt
+  -e services/inference -e services/learner -e services/rollout -e services/api -e clients/python \
+  -r requirements-dev.txt
 # PyPI's torchvision is CUDA-linked; make it import on the CPU torch (see the script).
 .venv/bin/python scripts/fix_torchvision.py
 if command -v npm >/dev/null 2>&1; then

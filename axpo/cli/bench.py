@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from axpo.cli.common import EXIT_OK, load_service
+from axpo.cli.common import EXIT_OK, UsageError, load_service
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -21,8 +21,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             queue_bench.print_table(result)
         return EXIT_OK
+    if args.target == "learner" and args.memory:
+        bench = load_service("learner", "memory_bench")
+        try:
+            lengths = tuple(int(n) for n in args.lengths.split(","))
+        except ValueError as exc:
+            raise UsageError(
+                f"--lengths: {args.lengths!r} is not comma-separated integers"
+            ) from exc
+        if not lengths or min(lengths) < 2 or args.chunk_tokens < 1:
+            raise UsageError("--lengths must be >= 2 and --chunk-tokens >= 1")
+        result = bench.run(lengths, chunk_tokens=args.chunk_tokens)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            bench.print_table(result)
+        return EXIT_OK
     bench = load_service(args.target, "bench")
-    if args.target == "learner":
+    if args.target == "api":
+        result = bench.run(watchers=args.watchers)
+    elif args.target == "learner":
         result = bench.run(
             groups=args.groups,
             redis_url=args.redis_url,

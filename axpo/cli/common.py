@@ -18,6 +18,7 @@ EXIT_USAGE = 2
 
 # Service name -> (module it lives in, the distribution that provides it).
 SERVICES = {
+    "api": ("axpo_api", "services/api"),
     "inference": ("axpo_inference", "services/inference"),
     "learner": ("axpo_learner", "services/learner"),
     "rollout": ("axpo_rollout", "services/rollout"),

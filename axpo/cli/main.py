@@ -17,7 +17,7 @@ from axpo import __version__
 from axpo.cli.bench import cmd_bench
 from axpo.cli.common import EXIT_USAGE, SERVICES, UsageError
 from axpo.cli.evaluate import add_parser as add_eval_parser
-from axpo.cli.jobs import cmd_job_check, cmd_run
+from axpo.cli.jobs import add_api_parsers, cmd_job_check, cmd_run
 from axpo.cli.model import cmd_model_tiny, cmd_model_warm_start
 from axpo.cli.serve import cmd_serve
 from axpo.cli.sft import add_parser as add_sft_parser
@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure a component's throughput")
     bench.add_argument(
-        "target", choices=["inference", "learner", "queue", "rollout", "tools", "verifier"]
+        "target", choices=["api", "inference", "learner", "queue", "rollout", "tools", "verifier"]
     )
+    bench.add_argument("--watchers", type=int, default=50, help="concurrent SSE watchers (api)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--items", type=int, default=20_000, help="non-math items per round")
     bench.add_argument("--math-items", type=int, default=200, help="math items per round")
@@ -115,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--publish-only", action="store_true", help="only the publication figures (learner)"
     )
+    bench.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak memory of one micro-batch, old loss path vs the lean one (learner)",
+    )
+    bench.add_argument(
+        "--lengths",
+        default="1024,4096,8192",
+        help="sequence lengths, comma-separated (learner --memory)",
+    )
+    bench.add_argument(
+        "--chunk-tokens", type=int, default=1024, help="the lean path's chunk (learner --memory)"
+    )
     bench.set_defaults(handler=cmd_bench)
 
     add_eval_parser(sub)
@@ -143,11 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--server", metavar="HOST:PORT", help="call a running tool server")
     call.set_defaults(handler=cmd_tool)
 
-    job = sub.add_parser("job", help="work with job specs")
+    job = sub.add_parser("job", help="work with job specs and the jobs of a deployment (api)")
     job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     check = job_sub.add_parser("check", help="validate a YAML job spec and print it resolved")
     check.add_argument("file", type=Path)
     check.set_defaults(handler=cmd_job_check)
+    add_api_parsers(job_sub)
 
     model = sub.add_parser("model", help="build model checkpoints")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

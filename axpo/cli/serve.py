@@ -9,6 +9,8 @@ from axpo.cli.common import EXIT_OK, UsageError, load_service, settings_or_usage
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == "api":
+        return _serve_api(args)
     from axpo.settings.inference import InferenceSettings
     from axpo.settings.learner import LearnerSettings
     from axpo.settings.rollout import RolloutSettings
@@ -47,4 +49,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     settings = settings.model_copy(update={"rpc": rpc})
     load_service(args.service, "server").serve(settings, port_file=args.port_file)
+    return EXIT_OK
+
+
+def _serve_api(args: argparse.Namespace) -> int:
+    """HTTP, not gRPC: its host and port are top-level settings, and it needs a token."""
+    from axpo.settings.api import ApiSettings
+
+    if args.model is not None:
+        raise UsageError("--model applies to the inference and learner services only")
+    settings = settings_or_usage_error(ApiSettings)
+    settings = settings.model_copy(
+        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    )
+    try:
+        settings.all_tokens()
+    except ValueError as exc:
+        raise UsageError(f"serve api: {exc}") from exc
+    load_service("api", "server").serve(settings, port_file=args.port_file)
     return EXIT_OK
