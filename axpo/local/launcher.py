@@ -20,9 +20,21 @@ What it does, in order:
    before training: ``eval-before.*``); stops the services (SIGTERM, then SIGKILL after a
    grace period) and Redis, writes ``report.md`` with plots.
 
+While it trains, a rollout worker, the tool server or the verifier that exits is restarted
+(:class:`~axpo.local.processes.Supervisor`, the job's ``run.restarts``: exponential backoff,
+a budget per process; tools and verifier on their old port). Each restart is said on stderr,
+appended to ``restarts.jsonl`` and counted in the summary's ``restarts``; the run fails, with
+the process's exit code and log tail, only when a budget is spent. A rollout worker's
+unacknowledged questions are not lost: restarted under the same consumer name it reads them
+again first. The inference service and the learner are not restarted: a new inference service
+would serve the starting weights, not the last published version, until the learner publishes
+again; a learner resumes from its checkpoint when its job is started again, which is the job
+store's business, so here its crash fails the run with its log tail. A child that exits during
+start-up fails the run too.
+
 Ctrl-C (SIGINT) or SIGTERM at any point stops every process the same way and exits 130/143;
 children also get SIGKILL from the kernel if the launcher itself dies (``PR_SET_PDEATHSIG``),
-so no process outlives a run. A child that exits early fails the run with the tail of its log.
+so no process outlives a run.
 """
 
 from __future__ import annotations
@@ -33,13 +45,22 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
-from axpo.local.processes import Child, Interrupted, Processes, RunError, settings_env
+from axpo.local.processes import (
+    Child,
+    Interrupted,
+    Processes,
+    Restart,
+    RunError,
+    Supervisor,
+    settings_env,
+)
 from axpo.local.progress import Progress
 from axpo.settings.job import JobSpec
 
@@ -54,7 +75,11 @@ class Launcher:
     run_dir: Path
     python: str = sys.executable
     out: IO[str] = field(default_factory=lambda: sys.stderr)
+    on_restart: Callable[[Restart], None] | None = None
+    """Called for every restart of a process, after ``restarts.jsonl`` has it (see
+    :meth:`_record_restart`)."""
     procs: Processes = field(init=False)
+    supervisor: Supervisor = field(init=False)
     _services: tuple[Path, Child, Child, Child] | None = field(init=False, default=None)
     _running_eval: tuple[int, subprocess.Popen[str]] | None = field(init=False, default=None)
     _last_eval_step: int = field(init=False, default=0)
@@ -62,6 +87,26 @@ class Launcher:
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
         self.procs = Processes(self.run_dir, python=self.python, out=self.out)
+        # Not the inference service or the learner: see the module docstring.
+        restartable = {
+            "tools",
+            "verifier",
+            *(f"rollout-{i}" for i in range(self.spec.run.rollout_workers)),
+        }
+        self.supervisor = Supervisor(
+            self.procs, self.spec.run.restarts, frozenset(restartable), self._record_restart
+        )
+
+    def _record_restart(self, event: Restart) -> None:
+        """Where a restart is recorded: ``restarts.jsonl`` in the run folder (one line each:
+        the process, its exit code, which restart, the backoff, the time), then
+        :attr:`on_restart` (for a job store's ``record_restart``)."""
+        line = {k: v for k, v in asdict(event).items() if k != "log_tail"}
+        line["time"] = time.time()
+        with (self.run_dir / "restarts.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.on_restart is not None:
+            self.on_restart(event)
 
     def run(self, progress: bool = True) -> dict[str, Any]:
         spec = self.spec
@@ -157,13 +202,23 @@ class Launcher:
             self.procs.stop([*workers, learner])
             self._periodic_eval(len(records), final=True)
             evaluation = self._evaluate()
+        stopping = time.monotonic()
         self.procs.stop_all()
+        shutdown_s = time.monotonic() - stopping
         client.close()
         summary = {
             "run_dir": str(self.run_dir),
             "steps": len(records),
             "startup_s": round(ready_s, 1),
             "wall_s": round(time.monotonic() - started, 1),
+            "shutdown_s": round(shutdown_s, 1),
+            # SIGTERM to exit per process (the workers and the learner stop before an eval).
+            "stop_s": {
+                c.name: round(c.stop_s, 1) for c in self.procs.children if c.stop_s is not None
+            },
+            "restarts": {
+                n: self.supervisor.restarts[n] for n in sorted(self.supervisor.restartable)
+            },
             "metrics": str(metrics_path),
         }
         if evaluation is not None:
@@ -381,13 +436,8 @@ class Launcher:
                             + learner.log_tail()
                         )
                     return records
-                others = [c for c in self.procs.children if c is not learner]
-                for child in others:
-                    if child.proc.poll() is not None:
-                        raise RunError(
-                            f"{child.name} exited with code {child.proc.returncode}; last "
-                            f"lines of {child.log_path}:\n{child.log_tail()}"
-                        )
+                # Restarts what may be restarted; RunError for anything else that exited.
+                self.supervisor.check(skip=[learner])
                 time.sleep(0.5)
         finally:
             show.close()

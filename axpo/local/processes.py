@@ -1,22 +1,29 @@
 """The processes of a local run: starting ``axpo serve <service>`` children, waiting for
-them to be healthy, stopping them in stages; and the environment that carries their settings."""
+them to be healthy, restarting the ones that may be restarted (:class:`Supervisor`), stopping
+them in stages; and the environment that carries their settings."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from axpo.settings.base import RpcClientSettings
+from axpo.settings.job import RestartSpec
+from axpo.telemetry.logs import get_logger, log_event
+
+_log = get_logger(__name__)
 
 PR_SET_PDEATHSIG = 1
 
@@ -60,6 +67,20 @@ def settings_env(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def describe_exit(code: int) -> str:
+    """``code 1``, or ``signal SIGKILL`` for a process a signal ended (Popen's negative codes).
+
+    >>> describe_exit(-9), describe_exit(2)
+    ('signal SIGKILL', 'code 2')
+    """
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
 @dataclass
 class Child:
     name: str
@@ -67,6 +88,12 @@ class Child:
     log_path: Path
     port_file: Path
     port: int | None = None
+    cmd: list[str] = field(default_factory=list)
+    """The command line, for a restart."""
+    env: dict[str, str] = field(default_factory=dict)
+    """The environment, for a restart."""
+    stop_s: float | None = None
+    """How long its last stop took, SIGTERM to exit, in seconds (None: never stopped)."""
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -88,6 +115,7 @@ class Processes:
     children: list[Child] = field(default_factory=list)
     redis: Any = None
     grace_s: float = 20.0
+    _previous: list[tuple[str, int]] = field(default_factory=list, init=False)
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -115,21 +143,53 @@ class Processes:
             *extra,
         ]
         child_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        child = Child(name, self._spawn(cmd, child_env, log_path), log_path, port_file)
+        child.cmd, child.env = cmd, child_env
+        self.children.append(child)
+        self._write_pids()
+        return child
+
+    def restart(self, child: Child) -> None:
+        """Start ``child``'s command again in place of its exited process, on the same port
+        when it had one (the other processes keep their address for it: a tool server's
+        clients reconnect by themselves), its log appended to. What the old process left in
+        its process group is killed first."""
+        old = child.proc
+        if old.poll() is None:
+            raise RuntimeError(f"{child.name} (pid {old.pid}) is still running")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(old.pid, signal.SIGKILL)
+        self._previous.append((child.name, old.pid))
+        cmd = list(child.cmd)
+        if child.port is not None:
+            cmd[cmd.index("--port") + 1] = str(child.port)
+        with open(child.log_path, "ab") as log:
+            log.write(f"--- axpo run: restarting {child.name} ---\n".encode())
+        child.proc = self._spawn(cmd, child.env, child.log_path)
+        self._write_pids()
+
+    def _spawn(
+        self, cmd: list[str], env: dict[str, str], log_path: Path
+    ) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=child_env,
+                env=env,
                 preexec_fn=_die_with_parent,
             )
-        child = Child(name, proc, log_path, port_file)
-        self.children.append(child)
+
+    def _write_pids(self) -> None:
         # Which processes (and process groups) belong to the run: for people and for tests.
+        # Restarted ones keep their earlier pids as "<name>~<n>" (their groups are gone too).
         pids = {c.name: c.proc.pid for c in self.children}
+        seen: Counter[str] = Counter()
+        for name, pid in self._previous:
+            seen[name] += 1
+            pids[f"{name}~{seen[name]}"] = pid
         (self.run_dir / "pids.json").write_text(json.dumps(pids, indent=1) + "\n")
-        return child
 
     def check_children(self) -> None:
         """RunError when a child has exited (while the run still needs it)."""
@@ -137,8 +197,8 @@ class Processes:
             rc = child.proc.poll()
             if rc is not None:
                 raise RunError(
-                    f"{child.name} exited with code {rc}; last lines of {child.log_path}:\n"
-                    + child.log_tail()
+                    f"{child.name} exited with {describe_exit(rc)}; last lines of "
+                    f"{child.log_path}:\n{child.log_tail()}"
                 )
 
     def wait_ready(self, children: Sequence[Child], timeout_s: float) -> None:
@@ -167,20 +227,27 @@ class Processes:
 
     def stop(self, children: Sequence[Child]) -> None:
         """SIGTERM ``children`` together, then SIGKILL (their process group) whatever has not
-        exited after ``grace_s`` seconds."""
+        exited after ``grace_s`` seconds. Records how long each running one took
+        (:attr:`Child.stop_s`)."""
+        running = [c for c in children if c.proc.poll() is None]
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        deadline = started + self.grace_s
+        while running and time.monotonic() < deadline:
+            for child in [c for c in running if c.proc.poll() is not None]:
+                child.stop_s = time.monotonic() - started
+                running.remove(child)
+            time.sleep(0.02)
+        for child in running:
+            self.say(f"{child.name} did not stop in {self.grace_s:.0f} s: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            child.proc.wait()
+            child.stop_s = time.monotonic() - started
         for child in children:
-            if child.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        for child in children:
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.say(f"{child.name} did not stop in {self.grace_s:.0f} s: killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-                child.proc.wait()
+            child.proc.wait()  # reaped (those that had exited already)
 
     def stop_all(self) -> None:
         """Stop every child in stages: rollout workers (they finish the questions in flight
@@ -202,3 +269,101 @@ class Processes:
 
 
 _STOP_ORDER = {"rollout": 0, "learner": 1, "tools": 2, "verifier": 2, "inference": 3}
+
+
+@dataclass(frozen=True)
+class Restart:
+    """One restart decided by :class:`Supervisor` (what a job store records)."""
+
+    service: str
+    """The process's name in the run: ``rollout-0``, ``tools``, ``verifier``."""
+    exit_code: int
+    """How the process ended (Popen's code: negative for a signal)."""
+    number: int
+    """Which restart of this process it is, from 1."""
+    delay_s: float
+    """The wait before it is started again (the backoff)."""
+    log_tail: str
+    """The last lines of its log."""
+
+
+@dataclass
+class Supervisor:
+    """Restarts the processes of a run that may be restarted, within a budget.
+
+    Call :meth:`check` regularly (it never sleeps): a child named in ``restartable`` that
+    has exited gets a restart scheduled after ``policy.delay_s(n)`` (doubling per restart of
+    that process, capped), counted in :attr:`restarts`, logged, said on ``procs.out`` and
+    passed to ``on_restart``; the restart itself happens on the first :meth:`check` after
+    that delay. An exit beyond ``policy.max`` restarts, or the exit of a child not in
+    ``restartable``, raises :class:`RunError` naming the process, how it ended and its log
+    tail. Children are looked at in ``procs.children`` each time, so ones started later are
+    covered."""
+
+    procs: Processes
+    policy: RestartSpec
+    restartable: frozenset[str]
+    on_restart: Callable[[Restart], None] | None = None
+    """Called for every restart decided (the place a job store's ``record_restart`` goes)."""
+    clock: Callable[[], float] = time.monotonic
+    restarts: Counter[str] = field(default_factory=Counter)
+    """Restarts so far per process name."""
+    _due: dict[str, float] = field(default_factory=dict)
+
+    def check(self, skip: Sequence[Child] = ()) -> list[Restart]:
+        """Restart what is due, schedule restarts for children that exited, or raise
+        RunError; returns the restarts decided in this call. ``skip``: children the caller
+        watches itself (the learner, whose exit ends the run)."""
+        decided = []
+        for child in self.procs.children:
+            if any(child is s for s in skip):
+                continue
+            due = self._due.get(child.name)
+            if due is not None:
+                if self.clock() >= due:
+                    del self._due[child.name]
+                    self.procs.restart(child)
+                continue
+            rc = child.proc.poll()
+            if rc is None:
+                continue
+            decided.append(self._exited(child, rc))
+        return decided
+
+    def pending(self) -> list[str]:
+        """Processes waiting for their restart."""
+        return sorted(self._due)
+
+    def _exited(self, child: Child, rc: int) -> Restart:
+        how = describe_exit(rc)
+        done = self.restarts[child.name]
+        if child.name not in self.restartable:
+            raise RunError(
+                f"{child.name} exited with {how}; last lines of {child.log_path}:\n"
+                + child.log_tail()
+            )
+        if done >= self.policy.max:
+            raise RunError(
+                f"{child.name} exited with {how} after {done} restart(s): the budget "
+                f"(run.restarts.max {self.policy.max}) is spent; last lines of "
+                f"{child.log_path}:\n{child.log_tail()}"
+            )
+        event = Restart(child.name, rc, done + 1, self.policy.delay_s(done + 1), child.log_tail())
+        self.restarts[child.name] = event.number
+        self._due[child.name] = self.clock() + event.delay_s
+        self.procs.say(
+            f"{child.name} exited with {how}; restarting it in {event.delay_s:g} s "
+            f"(restart {event.number} of at most {self.policy.max}; log {child.log_path})"
+        )
+        log_event(
+            _log,
+            logging.WARNING,
+            "restart",
+            service=child.name,
+            exit_code=rc,
+            number=event.number,
+            delay_s=event.delay_s,
+        )
+        if self.on_restart is not None:
+            self.on_restart(event)
+        return event

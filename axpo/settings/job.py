@@ -190,6 +190,44 @@ class SftSpec(BaseModel):
     """Train the vision tower too (the tiny model's is random: it must learn to see)."""
 
 
+class RestartSpec(BaseModel):
+    """How ``axpo run`` restarts a rollout worker, the tool server or the verifier that exits
+    while the run needs it (like compose's ``restart: always`` with a limit): after
+    ``backoff_s``, doubled at each further restart of the same process up to
+    ``max_backoff_s``; one exit more than ``max`` fails the run with that process's exit code
+    and log tail. The inference service and the learner are never restarted (see
+    :mod:`axpo.local.launcher`)."""
+
+    model_config = MODEL_CONFIG
+
+    max: Annotated[int, Field(ge=0)] = 3
+    """Restarts allowed per process over the whole run; 0: the first exit fails the run."""
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    """Wait before a process's first restart, in seconds."""
+    max_backoff_s: Annotated[float, Field(ge=0)] = 30.0
+    """Longest wait before a restart, in seconds (the doubling stops there)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RestartSpec:
+        if self.max_backoff_s < self.backoff_s:
+            raise ValueError(
+                f"max_backoff_s ({self.max_backoff_s}) must be at least backoff_s "
+                f"({self.backoff_s})"
+            )
+        return self
+
+    def delay_s(self, restart: int) -> float:
+        """The wait before the ``restart``-th restart (1-based) of one process.
+
+        >>> [RestartSpec(backoff_s=1, max_backoff_s=5).delay_s(n) for n in (1, 2, 3, 4)]
+        [1.0, 2.0, 4.0, 5.0]
+        """
+        if restart < 1:
+            raise ValueError(f"restart numbers start at 1, got {restart}")
+        # min() before the power would overflow for a process restarted thousands of times.
+        return float(min(self.backoff_s * 2 ** min(restart - 1, 62), self.max_backoff_s))
+
+
 class RunSpec(BaseModel):
     """``axpo run``: the local processes and their settings (environment-style overrides)."""
 
@@ -221,6 +259,8 @@ class RunSpec(BaseModel):
     """Optimizer steps of the warm start (``prepare_model: tiny-warm-start``)."""
     max_prompt_backlog: Annotated[int, Field(ge=1)] | None = None
     """Questions queued ahead of the rollout workers; unset: two steps' worth."""
+    restarts: RestartSpec = RestartSpec()
+    """Restarting a rollout worker, the tool server or the verifier that exits mid-run."""
 
     @model_validator(mode="after")
     def _check_serviceservice_settings(self) -> RunSpec:

@@ -4,7 +4,11 @@ It waits for the inference, tool and verifier services to be healthy, asks the t
 for its tools, then runs :class:`~axpo_rollout.worker.RolloutWorker` until SIGTERM/SIGINT,
 serving only gRPC health (SERVING while the worker runs) and, when ``metrics_port`` is set,
 Prometheus ``/metrics`` with the worker's counters. On a signal it stops taking questions,
-finishes the ones in flight (their groups put, prompts acknowledged) and exits.
+cancels the ones in flight (by closing its gRPC channels: their calls fail at once) and drops
+groups still waiting on backpressure, then exits 0, within about a second. Their prompts stay
+unacknowledged, so nothing is lost: under the same consumer name a restarted worker samples them
+again first, and other workers reclaim them after ``queue.claim_idle_ms``
+(:mod:`axpo_rollout.worker`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ def _metrics(worker: RolloutWorker, port: int) -> object:
                 ("tool_calls", c.tool_calls, "tool calls made by rollouts"),
                 ("failures", c.failures, "questions that failed (service errors)"),
                 ("dead_lettered", c.dead_lettered, "questions dead-lettered"),
+                (
+                    "abandoned",
+                    c.abandoned,
+                    "questions given up at a stop (prompts left unacknowledged for redelivery)",
+                ),
                 (
                     "speculative_resumes_launched",
                     worker.loop.speculation.launched,
@@ -123,6 +132,9 @@ def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
             serve_forever(running, settings.rpc.grace_s)
         finally:
             worker.request_stop()
+            # Cancel the questions in flight now instead of letting them sample to the end: at
+            # the end of a run, or when the services are going away, that could take minutes.
+            backend.close()
             thread.join()
             if metrics_server is not None:
                 metrics_server.shutdown()  # type: ignore[attr-defined]

@@ -13,6 +13,14 @@ whose group fails (a service error) is not acknowledged: it comes back by reclai
 only, so the worker also dead-letters a prompt after ``max_prompt_failures`` failures of its
 own. Idle workers reclaim prompts of dead workers.
 
+Stopping (:meth:`RolloutWorker.request_stop`) is prompt: no new question is taken, a group
+waiting on backpressure is dropped instead of waiting for a learner that may be gone (that wait
+was what held every worker for the whole stop grace period at the end of a run), and a question
+whose sampling fails once the stop is requested (``axpo serve rollout`` closes the gRPC channels
+to cancel them) is neither counted as failed nor dead-lettered. In both cases the prompt stays
+unacknowledged in the consumer group: a worker restarted under the same consumer name reads it
+again first, any other worker reclaims it after ``queue.claim_idle_ms``. Nothing is lost.
+
 The worker also counts what it did (:class:`WorkerCounters`) for its Prometheus endpoint.
 """
 
@@ -26,12 +34,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from axpo.contracts.domain import Group
-from axpo.queue import PromptDelivery, TrajectoryQueue
+from axpo.queue import PromptDelivery, QueueFullError, TrajectoryQueue
 from axpo.study.tasks import task_from_data
 from axpo.telemetry.logs import log_event
 from axpo_rollout.agent import AgentLoop
 
 log = logging.getLogger("axpo.rollout")
+
+_STOP_POLL_S = 0.5
+"""How often a group waiting on backpressure looks at the stop flag."""
+
+
+class Abandoned(Exception):
+    """A question given up because the worker is stopping; its prompt stays unacknowledged."""
 
 
 class QuestionSlots:
@@ -109,6 +124,7 @@ class WorkerCounters:
     tool_calls: int = 0
     failures: int = 0
     dead_lettered: int = 0
+    abandoned: int = 0
 
 
 class RolloutWorker:
@@ -133,11 +149,14 @@ class RolloutWorker:
         self._running: dict[str, Future[Group]] = {}
 
     def request_stop(self) -> None:
+        """Take no new question; give up those still sampling or waiting on backpressure as
+        they next fail or wait (see the module docstring). :meth:`run` then returns."""
         self._stop.set()
 
     def run(self) -> None:
-        """Until :meth:`request_stop`: keep ``inflight`` questions going. Returns after the
-        questions in flight finished (their groups put, their prompts acknowledged)."""
+        """Until :meth:`request_stop`: keep ``inflight`` questions going. Returns once every
+        question in flight has ended: finished (group put, prompt acknowledged) or abandoned
+        (prompt left unacknowledged for redelivery)."""
         slots = self.slots
         with ThreadPoolExecutor(slots.total_cap, thread_name_prefix="question") as pool:
             while not self._stop.is_set():
@@ -173,10 +192,15 @@ class RolloutWorker:
                 group_id=f"{self.loop.spec.name}-{task.task_id}-{delivery.entry_id}",
                 on_resampling=ticket.resampling,
             )
-            self.queue.put_group(group)
+            self._put(group)
             self.queue.ack_prompts([delivery.entry_id])
         except Exception as exc:
-            self._failed(delivery, exc)
+            if self._stop.is_set():
+                # Cancelled by the stop (closed channels fail as RpcError or ValueError), or
+                # dropped at backpressure: not the question's fault, so not a failure.
+                self._abandoned(delivery, exc)
+            else:
+                self._failed(delivery, exc)
             raise
         finally:
             ticket.done()
@@ -187,6 +211,40 @@ class RolloutWorker:
             c.resampled_rollouts += sum(1 for t in group.trajectories if t.resampled_from)
             c.tool_calls += sum(len(t.tool_calls) for t in group.trajectories)
         return group
+
+    def _put(self, group: Group) -> None:
+        """``put_group`` with its backpressure wait cut into slices, so that a stop ends the
+        wait (raising :class:`Abandoned`) instead of lasting ``backpressure_timeout_s``."""
+        timeout_s = self.queue.settings.backpressure_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.queue.put_group(group, timeout_s=max(0.001, min(_STOP_POLL_S, left)))
+                return
+            except QueueFullError as exc:
+                if self._stop.is_set():
+                    raise Abandoned(
+                        f"group {group.group_id}: stopping while the queue is full"
+                    ) from exc
+                if left <= _STOP_POLL_S:
+                    raise QueueFullError(
+                        f"job {self.queue.job_id}: no room for group {group.group_id} within "
+                        f"{timeout_s:g} s (backpressure_timeout_s); is the learner running and "
+                        "acknowledging?"
+                    ) from exc
+
+    def _abandoned(self, delivery: PromptDelivery, exc: BaseException) -> None:
+        with self._lock:
+            self.counters.abandoned += 1
+        log_event(
+            log,
+            logging.INFO,
+            "question abandoned at stop",
+            task=delivery.task.task_id,
+            entry=delivery.entry_id,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
     def _failed(self, delivery: PromptDelivery, exc: BaseException) -> None:
         with self._lock:
