@@ -6,19 +6,27 @@ What it does, in order:
    ``config.yaml`` (the spec as run), ``logs/<process>.log``, ``ports/``.
 2. Prepares the model when the spec asks (``run.prepare_model``: build the tiny checkpoint,
    warm-start it) and the directory does not exist yet; later runs reuse it.
-3. Starts a private Redis (``axpo.queue.redis_server``, AOF in the run folder), then the verifier,
+3. Starts a private Redis (``axpo.queue.redis_server``, AOF in the run folder) and the run's
+   own api (``axpo serve api``, a token made for the run in ``api-token``, mode 0600, its URL
+   in ``api-url``), submits the job spec through the Python client and acts as the
+   deployment's runner for it in the job store (:mod:`axpo.local.run_job`): the job is
+   ``running`` from here, and ``axpo job watch|cancel`` work from another shell. Then the verifier,
    tool and inference services, then the learner and ``run.rollout_workers`` rollout
    workers: each is ``axpo serve <service>`` with ``--port 0 --port-file`` and its settings
    in ``AXPO_<SERVICE>_*`` environment variables, the same entry points the containers use.
    It waits for each to write its port and answer gRPC health SERVING.
 4. Feeds questions (``axpo.study.tasks.task_data``) onto the prompts stream, keeping
    ``max_prompt_backlog`` ahead of the workers, and shows live progress from the learner's
-   ``metrics.jsonl`` (step, reward, accuracy, tool-call rate, all-wrong rate, ETA).
+   ``metrics.jsonl`` (step, reward, accuracy, tool-call rate, all-wrong rate, ETA). Each step
+   record also goes to the job store, with the checkpoints written and the weight version
+   the inference service serves (events ``step``, ``checkpoint``, ``publish``).
 5. When the learner exits after ``steps`` steps: with the job's ``eval``, stops the workers
    and evaluates the final policy through the same services (``axpo eval`` on their
    addresses: ``eval.json``, ``eval.jsonl``; with ``eval.before``, the starting policy too,
    before training: ``eval-before.*``); stops the services (SIGTERM, then SIGKILL after a
-   grace period) and Redis, writes ``report.md`` with plots.
+   grace period), ends the job ``succeeded`` and reads it back through the client (the
+   summary's ``job_id``, ``api_url``, ``state``), writes ``report.md`` with plots, and stops
+   the api and Redis last.
 
 While it trains, a rollout worker, the tool server or the verifier that exits is restarted
 (:class:`~axpo.local.processes.Supervisor`, the job's ``run.restarts``: exponential backoff,
@@ -32,8 +40,13 @@ again; a learner resumes from its checkpoint when its job is started again, whic
 store's business, so here its crash fails the run with its log tail. A child that exits during
 start-up fails the run too.
 
-Ctrl-C (SIGINT) or SIGTERM at any point stops every process the same way and exits 130/143;
-children also get SIGKILL from the kernel if the launcher itself dies (``PR_SET_PDEATHSIG``),
+A cancel through the api (``axpo job cancel ID``, the job's cancel flag, polled every 0.5 s
+while training and before each evaluation) stops the run: rollout workers first, then the
+learner (SIGTERM: it checkpoints after its current step), then the services; the job ends
+``cancelled``, ``summary.json`` says so and ``axpo run`` exits 1 with that message. Ctrl-C
+(SIGINT) or SIGTERM at any point cancels the job through the client, stops every process the
+same way and exits 130/143. A run that fails ends its job ``failed`` with the run's error.
+Children also get SIGKILL from the kernel if the launcher itself dies (``PR_SET_PDEATHSIG``),
 so no process outlives a run.
 """
 
@@ -52,6 +65,7 @@ from typing import IO, Any
 
 import yaml
 
+from axpo.jobs import JobState
 from axpo.local.processes import (
     Child,
     Interrupted,
@@ -62,7 +76,12 @@ from axpo.local.processes import (
     settings_env,
 )
 from axpo.local.progress import Progress
+from axpo.local.run_job import RunJob, start_api, submit_and_claim
 from axpo.settings.job import JobSpec
+
+
+class JobCancelled(RunError):
+    """The job was cancelled through the api; the message says after how many steps."""
 
 
 @dataclass
@@ -83,6 +102,10 @@ class Launcher:
     _services: tuple[Path, Child, Child, Child] | None = field(init=False, default=None)
     _running_eval: tuple[int, subprocess.Popen[str]] | None = field(init=False, default=None)
     _last_eval_step: int = field(init=False, default=0)
+    job: RunJob | None = field(init=False, default=None)
+    """The run's job in the store, once submitted (:mod:`axpo.local.run_job`)."""
+    _api: Child | None = field(init=False, default=None)
+    _steps_done: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
@@ -105,6 +128,8 @@ class Launcher:
         line["time"] = time.time()
         with (self.run_dir / "restarts.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")
+        if self.job is not None:
+            self.job.on_restart(event)
         if self.on_restart is not None:
             self.on_restart(event)
 
@@ -132,6 +157,7 @@ class Launcher:
         queue.ensure()
         started = time.monotonic()
         self.procs.say(f"run folder {self.run_dir}")
+        self._start_job(client, redis_url)
         self.procs.say("starting verifier, tools, inference ...")
         verifier = self.procs.start("verifier", "verifier", {})
         tools = self.procs.start("tools", "tools", settings_env("AXPO_TOOLS_", spec.run.tools))
@@ -171,8 +197,12 @@ class Launcher:
         backlog = spec.questions_per_step * (every + 2)
         learner_values["queue"] = {**queue_env, "max_backlog": backlog}
         self._services = (model, inference, tools, verifier)
+        assert self.job is not None
+        self.job.served_version = lambda: _served_version(inference)
         if spec.eval is not None and spec.eval.before:
+            self._check_cancel()
             self._evaluate(name="eval-before")
+            self._check_cancel()
         self.procs.say("starting learner and rollout workers ...")
         learner = self.procs.start(
             "learner", "learner", settings_env("AXPO_LEARNER_", learner_values)
@@ -201,13 +231,18 @@ class Launcher:
             # services, with the workers stopped so nothing else samples meanwhile.
             self.procs.stop([*workers, learner])
             self._periodic_eval(len(records), final=True)
+            self._check_cancel()
             evaluation = self._evaluate()
         stopping = time.monotonic()
-        self.procs.stop_all()
+        self.procs.stop_all(keep=[self._api] if self._api is not None else [])
         shutdown_s = time.monotonic() - stopping
+        state = self.job.finish(JobState.SUCCEEDED)
         client.close()
         summary = {
             "run_dir": str(self.run_dir),
+            "job_id": self.job.job_id,
+            "api_url": self.job.api_url,
+            "state": state,
             "steps": len(records),
             "startup_s": round(ready_s, 1),
             "wall_s": round(time.monotonic() - started, 1),
@@ -226,6 +261,68 @@ class Launcher:
         summary["report"] = str(self._report())
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _start_job(self, redis_client: Any, redis_url: str) -> None:
+        """The run's api, then the job submitted through the client and claimed (see
+        :mod:`axpo.local.run_job`); says where to watch it from."""
+        try:
+            from axpo_client import ApiError, Client
+        except ModuleNotFoundError as exc:
+            raise RunError("axpo run needs the api client: pip install -e clients/python") from exc
+        from axpo.jobs import JobStore
+
+        self.procs.say("starting the api ...")
+        timeout_s = self.spec.run.startup_timeout_s
+        self._api, url, token = start_api(self.procs, redis_url, self.run_dir, timeout_s)
+        client = Client(url, token)
+        store = JobStore(redis_client)
+        try:
+            job_id = submit_and_claim(client, store, self.spec, self.run_dir)
+        except ApiError as exc:
+            raise RunError(f"submitting the job to the run's api at {url} failed: {exc}") from exc
+        self.job = RunJob(
+            store, client, job_id, url, self.run_dir / "checkpoints", say=self.procs.say
+        )
+        self.procs.say(
+            f"job {job_id} running; api {url}, token in {self.run_dir / 'api-token'}; from "
+            f"another shell: AXPO_API_URL=$(cat {self.run_dir / 'api-url'}) "
+            f"AXPO_API_TOKEN=$(cat {self.run_dir / 'api-token'}) axpo job watch {job_id}"
+        )
+
+    def _check_cancel(self) -> None:
+        """JobCancelled when the job's cancel flag is set (``axpo job cancel``, the api)."""
+        if self.job is not None and self.job.cancel_requested():
+            raise JobCancelled(
+                f"job {self.job.job_id} was cancelled through the api after "
+                f"{self._steps_done} of {self.spec.steps} steps; every process was stopped "
+                f"(the learner checkpointed first: {self.run_dir / 'checkpoints'})"
+            )
+
+    def end_job(self, state: JobState, error: str | None = None, *, cancel: bool = False) -> None:
+        """After the run stopped early: stop every process but the api (rollout workers
+        first; the learner checkpoints on SIGTERM), then end the job as ``state`` and read it
+        back through the client. With ``cancel``, cancel it through the client first (what
+        Ctrl-C means). A cancelled job's ``summary.json`` says so. No-op without a job or when
+        it has ended."""
+        job = self.job
+        if job is None or job.finished:
+            return
+        if cancel:
+            job.cancel()
+        self.stop_running_eval()
+        self.procs.stop_all(keep=[self._api] if self._api is not None else [])
+        final = job.finish(state, error)
+        if state == JobState.CANCELLED:
+            summary = {
+                "run_dir": str(self.run_dir),
+                "job_id": job.job_id,
+                "api_url": job.api_url,
+                "state": final,
+                "steps": self._steps_done,
+                "metrics": str(self.run_dir / "metrics.jsonl"),
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.procs.say(f"job {job.job_id}: {final or 'state unknown'}")
 
     def _eval_cmd(self, out: Path, questions: int | None = None) -> list[str]:
         """``axpo eval`` of the job's ``eval`` on this run's running services."""
@@ -420,7 +517,9 @@ class Launcher:
                 records = self._new_records(metrics_path, records, show)
                 self._periodic_eval(len(records))
                 rc = learner.proc.poll()
-                if rc is not None:
+                if rc is None:
+                    self._check_cancel()
+                else:
                     records = self._new_records(metrics_path, records, show)
                     if rc != 0 and len(records) >= spec.steps:
                         # Every step is trained, checkpointed and recorded; a crash while the
@@ -442,12 +541,11 @@ class Launcher:
         finally:
             show.close()
 
-    @staticmethod
     def _new_records(
-        path: Path, seen: list[dict[str, Any]], show: Progress
+        self, path: Path, seen: list[dict[str, Any]], show: Progress
     ) -> list[dict[str, Any]]:
         """The learner's records so far (``axpo.study.report.load_metrics``: a torn last line is
-        skipped); each new one goes to the progress display."""
+        skipped); each new one goes to the progress display and to the job store."""
         from axpo.study.report import load_metrics
 
         if not path.exists():
@@ -455,6 +553,9 @@ class Launcher:
         records = load_metrics(path)
         for record in records[len(seen) :]:
             show.update(record)
+            if self.job is not None:
+                self.job.record(record)
+        self._steps_done = len(records)
         return records
 
     def _report(self) -> Path:
@@ -465,6 +566,26 @@ class Launcher:
             title=f"axpo run: {self.spec.name} ({self.spec.algorithm.name})",
             config_text=self.spec_path.read_text(),
         )
+
+
+def _served_version(inference: Child) -> int | None:
+    """The weight version the run's inference service serves (its ``Status``); None when it
+    does not answer within 2 s (the next step's record asks again)."""
+    import grpc
+
+    from axpo.rpc.client import open_channel
+    from axpo.settings.base import RpcClientSettings
+    from axpo.v1 import inference_pb2, inference_pb2_grpc
+
+    channel = open_channel(RpcClientSettings(target=f"127.0.0.1:{inference.port}"))
+    try:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        resp = stub.Status(inference_pb2.InferenceServiceStatusRequest(), timeout=2.0)
+        return int(resp.policy_version)
+    except grpc.RpcError:
+        return None
+    finally:
+        channel.close()
 
 
 def _check_call(cmd: list[str]) -> None:
@@ -481,7 +602,8 @@ def run(
     out: IO[str] | None = None,
 ) -> dict[str, Any]:
     """Run the job in ``spec_path`` (see the module docstring); returns the summary.
-    SIGINT/SIGTERM raise :class:`Interrupted` after every process is stopped."""
+    SIGINT/SIGTERM raise :class:`Interrupted`, a cancel through the api :class:`JobCancelled`
+    (a RunError), after every process is stopped and the job ended."""
     from axpo.settings.job import load_job_spec
 
     spec = load_job_spec(spec_path)
@@ -493,18 +615,32 @@ def run(
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # How the job ends when the run stops early (a finished run has ended it already).
+    ending: tuple[JobState, str | None, bool] = (JobState.FAILED, "axpo run stopped", False)
     try:
         return launcher.run(progress=progress)
     except Interrupted:
-        launcher.procs.say("interrupted: stopping every process ...")
+        launcher.procs.say("interrupted: cancelling the job and stopping every process ...")
+        ending = (JobState.CANCELLED, None, True)
+        raise
+    except JobCancelled:
+        launcher.procs.say("cancelled through the api: stopping every process ...")
+        ending = (JobState.CANCELLED, None, False)
+        raise
+    except BaseException as exc:
+        ending = (JobState.FAILED, str(exc) or type(exc).__name__, False)
         raise
     finally:
         # Signals during the shutdown must not cut it short.
         for s in previous:
             signal.signal(s, signal.SIG_IGN)
         try:
-            launcher.stop_running_eval()
-            launcher.procs.stop_all()
+            state, error, cancel = ending
+            try:
+                launcher.end_job(state, error, cancel=cancel)
+            finally:
+                launcher.stop_running_eval()
+                launcher.procs.stop_all()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -207,23 +207,29 @@ class Processes:
 
         deadline = time.monotonic() + timeout_s
         for child in children:
-            while child.port is None:
-                self.check_children()
-                text = child.port_file.read_text() if child.port_file.exists() else ""
-                if text.strip():
-                    child.port = int(text)
-                    break
-                if time.monotonic() > deadline:
-                    raise RunError(
-                        f"{child.name} did not start within {timeout_s:.0f} s; last lines of "
-                        f"{child.log_path}:\n{child.log_tail()}"
-                    )
-                time.sleep(0.2)
+            self.wait_port(child, deadline, timeout_s)
             channel = open_channel(RpcClientSettings(target=f"127.0.0.1:{child.port}"))
             try:
                 wait_for_health(channel, max(1.0, deadline - time.monotonic()))
             finally:
                 channel.close()
+
+    def wait_port(self, child: Child, deadline: float, timeout_s: float) -> int:
+        """Wait until ``child`` has written its port file (until the monotonic ``deadline``,
+        ``timeout_s`` from the start, for the message); RunError when a child exits first."""
+        while child.port is None:
+            self.check_children()
+            text = child.port_file.read_text() if child.port_file.exists() else ""
+            if text.strip():
+                child.port = int(text)
+                break
+            if time.monotonic() > deadline:
+                raise RunError(
+                    f"{child.name} did not start within {timeout_s:.0f} s; last lines of "
+                    f"{child.log_path}:\n{child.log_tail()}"
+                )
+            time.sleep(0.2)
+        return child.port
 
     def stop(self, children: Sequence[Child]) -> None:
         """SIGTERM ``children`` together, then SIGKILL (their process group) whatever has not
@@ -249,21 +255,23 @@ class Processes:
         for child in children:
             child.proc.wait()  # reaped (those that had exited already)
 
-    def stop_all(self) -> None:
+    def stop_all(self, keep: Sequence[Child] = ()) -> None:
         """Stop every child in stages: rollout workers (they finish the questions in flight
         while the services still answer), the learner, the tool server and verifier, the
-        inference service. Each stage gets SIGTERM and ``grace_s`` seconds, then SIGKILL; then
-        whatever a child left in its process group (vLLM's engine processes) is killed, and
-        Redis stopped. Idempotent."""
+        inference service, then the rest (the api). Each stage gets SIGTERM and ``grace_s``
+        seconds, then SIGKILL; then whatever a child left in its process group (vLLM's engine
+        processes) is killed, and Redis stopped. Children in ``keep`` are left running, and so
+        is Redis (the api in ``keep`` answers from it): a later call stops them. Idempotent."""
+        stopping = [c for c in self.children if not any(c is k for k in keep)]
         stages: dict[int, list[Child]] = {}
-        for child in self.children:
+        for child in stopping:
             stages.setdefault(_STOP_ORDER.get(child.name.split("-")[0], 5), []).append(child)
         for _, stage in sorted(stages.items()):
             self.stop(stage)
-        for child in self.children:
+        for child in stopping:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.proc.pid, signal.SIGKILL)
-        if self.redis is not None:
+        if self.redis is not None and not keep:
             self.redis.stop()
             self.redis = None
 

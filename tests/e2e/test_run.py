@@ -1,12 +1,14 @@
 """`axpo run` end to end: a 2-step job on the tiny model with every service as a real local
-process (Redis, vLLM CPU inference, tools, verifier, learner, a rollout worker), then Ctrl-C
-in the middle of a run. Both check that no process outlives the run."""
+process (Redis, the api, vLLM CPU inference, tools, verifier, learner, a rollout worker), its
+job read back through the Python client; then Ctrl-C in the middle of a run. Both check that
+no process outlives the run. A cancel through the api: test_run_cancel.py."""
 
 from __future__ import annotations
 
 import json
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -14,6 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from axpo.jobs.records import json_safe
+from axpo.queue.redis_server import RedisServer
+from axpo_client import Client
+from tests.integration.api_fixtures import TOKEN, start_api
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +88,7 @@ def test_run_trains_two_steps_and_leaves_a_report(tmp_path: Path) -> None:
     proc = _axpo("run", str(config), "--run-dir", str(run_dir), "--no-progress")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = run_summary = json.loads(out.strip().splitlines()[-1])
     assert summary["steps"] == 2
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1.0, 2.0]
@@ -129,6 +136,40 @@ def test_run_trains_two_steps_and_leaves_a_report(tmp_path: Path) -> None:
     assert (run_dir / "final-model" / "config.json").is_file()
     assert list((run_dir / "final-model").glob("*.safetensors"))
     assert _alive_in_run(run_dir) == []
+    _check_job_through_the_client(run_dir, run_summary, records)
+
+
+def _check_job_through_the_client(
+    run_dir: Path, summary: dict[str, object], records: list[dict[str, object]]
+) -> None:
+    """The run's job, as a client sees it: the run's Redis started again from its append-only
+    file, an api over it, and the Python client."""
+    assert summary["state"] == "succeeded"
+    assert str(summary["api_url"]).startswith("http://127.0.0.1:")
+    assert (run_dir / "api-url").read_text().strip() == summary["api_url"]
+    assert stat.S_IMODE((run_dir / "api-token").stat().st_mode) == 0o600
+    job_id = str(summary["job_id"])
+    server = RedisServer(run_dir / "redis")
+    server.start()
+    api, thread = start_api(server, key_prefix="axpo", tokens=(TOKEN,))
+    try:
+        with Client(api.url, TOKEN) as client:
+            job = client.get(job_id)
+            assert job.state == "succeeded"
+            assert job.step == 2
+            assert client.metrics(job_id) == [json_safe(r) for r in records]
+            events = list(client.events(job_id))
+            states = [e.data["state"] for e in events if e.type == "state"]
+            assert states == ["queued", "running", "succeeded"]
+            steps = [e.data["step"] for e in events if e.type == "step"]
+            assert steps == [1.0, 2.0]
+            # The learner checkpoints every step and publishes versions 1 and 2.
+            assert [e.data["step"] for e in events if e.type == "checkpoint"] == [1, 2]
+            assert [e.data["version"] for e in events if e.type == "publish"] == [1, 2]
+    finally:
+        api.server.should_exit = True
+        thread.join(timeout=10)
+        server.stop()
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
@@ -150,3 +191,5 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert "every process was stopped" in err
     assert _alive_in_run(run_dir) == []
     assert not (run_dir / "report.md").exists()
+    # Ctrl-C cancelled the job through the api; its final state was read back.
+    assert json.loads((run_dir / "summary.json").read_text())["state"] == "cancelled"
