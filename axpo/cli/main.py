@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequence lengths, comma-separated (learner --memory)",
     )
     bench.add_argument(
-        "--chunk-tokens", type=int, default=1024, help="the lean path's chunk (learner --memory)"
+        "--chunk-tokens", type=int, default=256, help="the lean path's chunk (learner --memory)"
     )
     bench.set_defaults(handler=cmd_bench)
 

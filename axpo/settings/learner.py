@@ -71,7 +71,7 @@ class LearnerSettings(BaseSettings):
     behavior_logprobs: Literal["rollout", "learner"] = "rollout"
     """Old logprobs of the ratio: ``rollout`` (the inference engine's, a true importance ratio
     under policy lag) or ``learner`` (recomputed before the update: ratio 1 on the first pass)."""
-    logprob_chunk_tokens: Annotated[int, Field(ge=0)] = 1024
+    logprob_chunk_tokens: Annotated[int, Field(ge=0)] = 256
     """Positions whose vocabulary-wide logits exist at once while computing the sampled
     tokens' logprobs: the output head runs over this many trained positions at a time under
     activation checkpointing (peak memory one ``[chunk, vocab]`` float32 block, not the whole

@@ -155,7 +155,7 @@ def run(
     lengths: tuple[int, ...] = LENGTHS,
     *,
     dtype: str = "float32",
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 256,
     device: str = "",
 ) -> dict[str, Any]:
     """Every (length, path) in its own process; ``peak_mib`` per length and path and
