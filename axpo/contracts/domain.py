@@ -123,10 +123,11 @@ class LogprobProcessing:
         processed: bool = True,
     ) -> LogprobProcessing:
         """The processing of a request sampled with ``params``. Greedy sampling
-        (temperature 0) scores the unfiltered, unscaled distribution, as vLLM does."""
-        greedy = params.temperature == 0
+        (temperature below 1e-5) scores the unfiltered, unscaled distribution, as vLLM does."""
+        # vLLM's rules (SamplingParams): below 1e-5 is greedy; below 0.01 is raised to 0.01.
+        greedy = params.temperature < 1e-5
         return cls(
-            temperature=1.0 if greedy else params.temperature,
+            temperature=1.0 if greedy else max(params.temperature, 0.01),
             top_p=1.0 if greedy or params.top_p == 0 else params.top_p,
             top_k=0 if greedy else max(params.top_k, 0),
             biased_token_ids=tuple(biased_token_ids) if logit_bias else (),

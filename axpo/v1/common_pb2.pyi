@@ -264,7 +264,9 @@ class LogprobProcessing(_message.Message):
     LOGIT_BIAS_FIELD_NUMBER: _builtins.int
     PROCESSED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """Logits were divided by this before the softmax (> 0; 0 on the wire means "not reported")."""
+    """Logits were divided by this before the softmax (> 0). A sample or group that does not
+    carry the message at all has no reported processing.
+    """
     top_p: _builtins.float
     """Nucleus mass in (0, 1]; 1 means off."""
     top_k: _builtins.int

@@ -241,10 +241,14 @@ def test_killed_services_are_restarted_and_every_group_is_trained_once(tmp_path:
 
     # The stopped and the killed worker's questions were not lost: the restarted worker read
     # them again first (a group carries its prompt's entry id), or they are still pending.
+    # Whether the restarted worker got to them before the run's last step depends on timing
+    # (it did in 2 of 4 runs on the 2-core VM), so redelivery itself is asserted where it is
+    # deterministic: tests/unit/test_supervision.py
+    # (test_stop_drops_a_group_waiting_on_backpressure_and_the_restart_samples_it_again).
+    assert left_at_stop
     for entry in left_at_stop | left_at_kill:
         sampled = any(gid.endswith(f"-{entry}") for gid in put.values())
         assert sampled or entry not in prompts_done, entry
-    assert any(gid.endswith(f"-{e}") for gid in put.values() for e in left_at_kill)
 
     # Prompt shutdown, mid-run and at the end (the inference service, whose vLLM engine takes
     # some 5-8 s to tear down here, within the grace period: no "did not stop").

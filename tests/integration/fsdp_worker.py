@@ -60,12 +60,14 @@ def main() -> None:
     weights_resumed = resumed.full_state_dict()
 
     # With a KL term the reference is sharded like the policy: a rank holds its shard only.
+    # Measured after a step: FSDP2 would leave the root's parameters gathered after the
+    # reference's forward (no backward reshards them) unless the trainer reshards it.
     kl = Trainer(s.model_copy(update={"kl_coef": 0.1}))
     assert kl.reference is not None
+    kl_step = kl.train_step([text_group(g) for g in STEP1])
     ref_params = list(kl.reference.parameters())
     sharded = all(type(p).__name__ == "DTensor" for p in ref_params)
     local = sum(p.to_local().numel() for p in ref_params if hasattr(p, "to_local"))
-    kl_step = kl.train_step([text_group(g) for g in STEP1])
     if t.world.rank == 0:
         assert weights is not None
         assert weights_resumed is not None

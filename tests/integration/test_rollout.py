@@ -180,7 +180,6 @@ def _train(
         lr=1e-3,
         checkpoint_dir=str(tmp / "ckpt"),
         checkpoint_every=1,
-        temperature=spec.rollout.temperature,
         max_policy_lag=2,
     )
     trainer = RecordingTrainer(learner_settings, spec.algorithm)

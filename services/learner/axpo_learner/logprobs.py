@@ -6,12 +6,17 @@ tokens, logits divided by the temperature, then top-k and top-p filtering. Every
 that processing (:class:`~axpo.contracts.domain.LogprobProcessing`, reported by the engine),
 and :func:`processed_logprobs` applies it to the learner's logits, so the policy ratio
 ``pi_learner / pi_rollout`` compares like with like. Filtering follows vLLM's
-``apply_top_k_top_p``: keep the tokens whose logit is at least the k-th largest (ties kept);
-then, sorted by probability, drop the least likely tokens while the dropped mass is at most
-``1 - top_p`` (the most likely token always stays). The filter mask carries no gradient. One
-deliberate difference: the sampled token is always kept, so a token that falls just outside the
-learner's filter (the two sets differ only at numerical ties) gets a finite logprob and a
-bounded ratio instead of ``-inf``.
+``apply_top_k_top_p`` as its PyTorch implementation (the CPU's) computes it: keep the tokens
+whose logit is at least the k-th largest (ties kept); then, sorted by probability, drop the
+least likely tokens while the dropped mass is at most ``1 - top_p`` (the most likely token
+always stays). The filter mask carries no gradient. vLLM's Triton filter (CUDA) keeps exactly
+k tokens when the k-th logit ties; the learner keeps them all, a difference the per-step
+mismatch metrics show. One deliberate difference: the sampled token is always kept, so a token
+outside the learner's filter (its logits differ a little from the engine's: kernels, dtype,
+policy lag) gets a finite logprob and a bounded ratio instead of ``-inf``.
+
+Only the model's output head is replaced: a model that transforms the logits after its head
+(soft-capping, a logit scale) is refused on the lean path (:func:`check_lean_head`).
 
 **Two paths, equal results** (tested to 1e-5 on the tiny model):
 
@@ -22,7 +27,8 @@ bounded ratio instead of ``-inf``.
   (``get_output_embeddings()``) computes, instead of the logits, the logprob and entropy of
   each trained position's target, ``chunk_tokens`` positions at a time, each chunk under
   activation checkpointing (its float32 logits are recomputed in the backward pass, never
-  stored). Peak extra memory is one chunk's ``[chunk, vocab]`` logits. The head is swapped for
+  stored). Peak extra memory is a few float32 ``[chunk, vocab]`` temporaries of one chunk
+  (logits, their filtered and normalised copies; top-p adds a sort). The head is swapped for
   the duration of one forward call only (:func:`_sampled_head`), inside the model's own
   forward, so FSDP2 gathers and reduces the head's (possibly tied) weight as usual, and
   parameter names never change.
@@ -161,6 +167,24 @@ def _chunked(
     return torch.cat(logps), torch.cat(entropies)
 
 
+_POST_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def check_lean_head(config: Any) -> None:
+    """Refuse a model whose forward changes the logits after its output head (the lean path
+    replaces only the head, so it would miss the change)."""
+    configs = [config, getattr(config, "text_config", None)]
+    for cfg in (c for c in configs if c is not None):
+        for key in _POST_HEAD_KEYS:
+            value = getattr(cfg, key, None)
+            if value not in (None, 0, 1, 1.0):
+                raise ValueError(
+                    f"logprob_chunk_tokens: the model's config sets {key}={value!r}, a change of "
+                    "the logits after the output head the lean path does not apply; use "
+                    "logprob_chunk_tokens: 0"
+                )
+
+
 @contextmanager
 def _sampled_head(
     model: Any,
@@ -192,14 +216,22 @@ def _sampled_head(
             lp, ent = _chunked(original, h[where], targets[where], how, chunk_tokens)
             logp = logp.masked_scatter(where, lp)
             entropy = entropy.masked_scatter(where, ent)
+        if torch.is_grad_enabled() and hidden.requires_grad and not logp.requires_grad:
+            # Nothing trained in this micro-batch: still a (zero) gradient through the head, so
+            # backward works and every rank reduces the same parameters under FSDP.
+            logp = logp + original(hidden[:1, :1]).float().sum() * 0.0
         out["logp"], out["entropy"] = logp, entropy
-        return logp[:, :1, None]  # what the model's forward returns as "logits"
+        return logp[:, :1, None].clone()  # what the model's forward returns as "logits"
 
+    own = vars(head).get("forward")  # an instance-level forward someone else set (hooks)
     head.forward = forward
     try:
         yield
     finally:
-        del head.forward  # the class's forward again
+        if own is None:
+            del head.forward  # the class's forward again
+        else:
+            head.forward = own
 
 
 def token_logprobs(
@@ -223,6 +255,7 @@ def token_logprobs(
     if chunk_tokens <= 0:
         logits = model(**batch.model_inputs(), use_cache=False).logits[:, :-1]
         return _from_logits(logits, targets, positions, parts)
+    check_lean_head(model.config)
     out: dict[str, torch.Tensor] = {}
     with _sampled_head(model, targets, positions, parts, chunk_tokens, out):
         model(**batch.model_inputs(), use_cache=False)

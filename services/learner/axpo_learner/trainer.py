@@ -206,6 +206,10 @@ class Trainer:
                     ref, _ = token_logprobs(
                         self.reference, mb, how, chunk_tokens=chunk, positions=mask
                     )
+                if self.world.distributed:
+                    # FSDP2 leaves the root's parameters gathered after a forward, for the
+                    # backward that would reshard them; the reference has no backward.
+                    self.reference.reshard()
             out = algorithm.policy_loss(
                 logp,
                 old,
@@ -277,19 +281,21 @@ class Trainer:
             state = dict(self.model.state_dict())
             if self.publish_dtype is None:
                 return state
-            return {k: v.detach().to("cpu", dtype=self.publish_dtype) for k, v in state.items()}
+            return {k: self._published(v.detach().to("cpu")) for k, v in state.items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
         if self.world.rank != 0:
             return None
-        cast = self.publish_dtype
-        return {
-            k: v if cast is None else v.to(cast)
-            for k, v in state.items()
-            if isinstance(v, torch.Tensor)
-        }
+        return {k: self._published(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    def _published(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in ``publish_dtype`` when set and ``t`` is floating point (buffers of integer
+        type keep theirs)."""
+        if self.publish_dtype is None or not t.is_floating_point():
+            return t
+        return t.to(self.publish_dtype)
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -78,6 +78,17 @@ def test_the_sampled_token_stays_in_the_filter():
     torch.testing.assert_close(inside, torch.log_softmax(logits[:, :2], -1)[:, 0])
 
 
+@pytest.mark.parametrize(
+    ("temperature", "want"), [(0.0, 1.0), (5e-6, 1.0), (0.005, 0.01), (0.6, 0.6)]
+)
+def test_small_temperatures_follow_vllms_rules(temperature, want):
+    from axpo.contracts.domain import SamplingParams
+
+    how = LogprobProcessing.of(SamplingParams(temperature=temperature, top_k=20))
+    assert how.temperature == pytest.approx(want)
+    assert how.top_k == (0 if want == 1.0 else 20)  # greedy: no filter
+
+
 def test_raw_logprobs_ignore_the_processing():
     logits = torch.randn(4, 50)
     targets = torch.tensor([1, 2, 3, 4])
@@ -200,3 +211,27 @@ def test_truncated_importance_weights(tiny):
     # The weight multiplies the policy-gradient term: the loss doubles.
     assert abs(off["pg_loss"]) > 1e-3
     assert m["pg_loss"] == pytest.approx(2 * off["pg_loss"], rel=1e-5)
+
+
+def test_a_micro_batch_with_nothing_to_train_still_has_a_gradient(tiny):
+    model, processor = load_policy(tiny)
+    rows = rows_from_groups(groups(6, QWEN), AlgorithmSpec())
+    mb = collate(rows, pad_id=processor.tokenizer.pad_token_id)
+    nothing = torch.zeros_like(mb.loss_mask[:, 1:])
+    logp, _ = token_logprobs(model, mb, QWEN, chunk_tokens=8, positions=nothing)
+    assert (logp == 0).all()
+    assert logp.requires_grad
+    logp.sum().backward()  # no error: a zero gradient through the head
+    head = model.get_output_embeddings().weight
+    assert head.grad is not None
+    assert (head.grad == 0).all()
+
+
+def test_a_model_that_changes_logits_after_its_head_is_refused_on_the_lean_path(tiny):
+    model, processor = load_policy(tiny)
+    model.config.text_config.final_logit_softcapping = 30.0
+    rows = rows_from_groups(groups(7, QWEN), AlgorithmSpec())
+    mb = collate(rows, pad_id=processor.tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        token_logprobs(model, mb, QWEN, chunk_tokens=8)
+    token_logprobs(model, mb, QWEN, chunk_tokens=0)  # the full path applies whatever it does
