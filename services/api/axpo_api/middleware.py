@@ -21,7 +21,7 @@ REQUEST_ID_HEADER = "x-request-id"
 
 
 class BodyTooLarge(Exception):
-    pass
+    """A request body grew past ``max_body_bytes`` while it was read (answered with 413)."""
 
 
 class RequestContext:
