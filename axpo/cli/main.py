@@ -16,6 +16,7 @@ from pathlib import Path
 from axpo import __version__
 from axpo.cli.bench import cmd_bench
 from axpo.cli.common import EXIT_USAGE, SERVICES, UsageError
+from axpo.cli.deploy import cmd_deploy
 from axpo.cli.evaluate import add_parser as add_eval_parser
 from axpo.cli.jobs import add_api_parsers, cmd_job_check, cmd_run
 from axpo.cli.model import cmd_model_tiny, cmd_model_warm_start
@@ -58,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="run folder (default runs/<job>-<time>)")
     run.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
     run.set_defaults(handler=cmd_run)
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="a deployment on this machine: Redis, the api, every service, the learner and "
+        "rollout workers taking jobs submitted through the api (axpo job submit)",
+        description="Starts a deployment as local processes (axpo/local/deployment.py): what "
+        "compose.yaml runs in containers. Jobs are submitted through its api and run one at "
+        "a time; each job's files go to DIR/jobs/<job id>/. Runs until Ctrl-C.",
+    )
+    deploy.add_argument("--model", type=Path, required=True, help="checkpoint directory served")
+    deploy.add_argument(
+        "--tiny", action="store_true", help="build the tiny random model at --model if missing"
+    )
+    deploy.add_argument(
+        "--dir", type=Path, default=Path("deploy"), help="deployment folder (default deploy/)"
+    )
+    deploy.add_argument("--rollout-workers", type=int, default=1, help="rollout worker processes")
+    deploy.add_argument(
+        "--max-restarts", type=int, default=3, help="restarts allowed per process (backoff)"
+    )
+    deploy.set_defaults(handler=cmd_deploy)
 
     verify = sub.add_parser(
         "verify",

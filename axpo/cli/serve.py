@@ -28,10 +28,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings = settings.model_copy(update={"model": str(args.model)})
         if not settings.model or not Path(settings.model).is_dir():
             raise UsageError(f"serve learner: --model {settings.model!r} is not a directory")
+        if settings.job_store and not settings.jobs_dir:
+            raise UsageError(
+                "serve learner: AXPO_LEARNER_JOB_STORE needs AXPO_LEARNER_JOBS_DIR (where each "
+                "job's files go)"
+            )
     elif args.service == "rollout":
         settings = settings_or_usage_error(RolloutSettings)
-        if not settings.job_spec:
-            raise UsageError("serve rollout: set AXPO_ROLLOUT_JOB_SPEC to a job spec YAML")
+        if not settings.job_spec and not settings.job_store:
+            raise UsageError(
+                "serve rollout: set AXPO_ROLLOUT_JOB_SPEC to a job spec YAML, or "
+                "AXPO_ROLLOUT_JOB_STORE=true to follow the deployment's jobs"
+            )
     elif args.service == "tools":
         settings = settings_or_usage_error(ToolsSettings)
     elif args.service == "inference":

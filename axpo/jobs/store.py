@@ -282,6 +282,36 @@ class JobStore:
             )
         return self.get(job_id)
 
+    # ----------------------------------------------------------------------- runtime
+
+    def start_runtime(self, job_id: str, runtime: Mapping[str, Any]) -> dict[str, Any]:
+        """Store what the job's runner decided when it first started the job (``runtime``,
+        JSON: a deployment's learner stores the job's first weight version and queue
+        backlog, which its rollout workers follow) unless an earlier start stored it already
+        (a restarted learner keeps the first decision); returns the stored runtime. Raises
+        JobNotFoundError for an unknown job."""
+        key = self.job_key(job_id)
+        if not _any(self.client.exists(key)):
+            raise JobNotFoundError(job_id)
+        self.client.hsetnx(key, "runtime", dumps(runtime))
+        stored = self.runtime(job_id)
+        assert stored is not None
+        return stored
+
+    def runtime(self, job_id: str) -> dict[str, Any] | None:
+        """The job's runtime (:meth:`start_runtime`); None before its runner started it."""
+        raw: bytes | None = _any(self.client.hget(self.job_key(job_id), "runtime"))
+        return None if raw is None else dict(json.loads(raw))
+
+    def running_job(self) -> JobRecord | None:
+        """The job this deployment runs now: the claimed job when it is ``running`` (not
+        merely claimed, nor finished); None otherwise. What rollout workers follow."""
+        found: bytes | None = _any(self.client.get(self._running_key))
+        if found is None:
+            return None
+        job = self.find(_text(found))
+        return job if job is not None and job.state == JobState.RUNNING else None
+
     # ----------------------------------------------------------------------- progress
 
     def record_step(self, job_id: str, record: Mapping[str, Any]) -> str:

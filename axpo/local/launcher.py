@@ -491,29 +491,15 @@ class Launcher:
     def _train(
         self, queue: Any, learner: Child, metrics_path: Path, progress: bool
     ) -> list[dict[str, Any]]:
-        from axpo.queue import PromptTask
-        from axpo.study.tasks import task_data
+        from axpo.jobs.feeder import PromptFeeder
 
         spec = self.spec
-        backlog = spec.run.max_prompt_backlog or 2 * spec.questions_per_step
-        fed = 0
+        feeder = PromptFeeder(queue, spec)
         records: list[dict[str, Any]] = []
         show = Progress(spec, self.out, enabled=progress)
         try:
             while True:
-                c = queue.counters()
-                outstanding = c.prompts_produced - c.prompts_done - c.prompts_dead_lettered
-                if outstanding < backlog:
-                    tasks = [
-                        PromptTask(
-                            task_id=f"q{fed + i}",
-                            question_id=f"q{(fed + i) % spec.tasks.count}",
-                            data=task_data(spec.tasks, fed + i),
-                        )
-                        for i in range(backlog - outstanding)
-                    ]
-                    queue.put_prompts(tasks)
-                    fed += len(tasks)
+                feeder.top_up()
                 records = self._new_records(metrics_path, records, show)
                 self._periodic_eval(len(records))
                 rc = learner.proc.poll()

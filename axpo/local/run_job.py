@@ -16,7 +16,6 @@ depend on the client at import time.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from axpo.jobs import JobState, JobStateError, JobStore
+from axpo.jobs.progress import JobProgress
 from axpo.local.processes import Child, Processes, Restart, RunError, describe_exit
 from axpo.settings.job import JobSpec
 
@@ -126,31 +126,17 @@ class RunJob:
     state: str | None = None
     """The final state read back through the client, once :meth:`finish` ran."""
     finished: bool = False
-    _checkpoints: set[str] = field(default_factory=set)
-    _published: int = 0
+    _progress: JobProgress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._progress = JobProgress(
+            self.store, self.job_id, self.checkpoint_dir, lambda: self.served_version()
+        )
 
     def record(self, record: dict[str, Any]) -> None:
-        """One new step record of ``metrics.jsonl``: stored with ``record_step``; then the
-        checkpoints that appeared (the learner writes them before the step's record) and the
-        version the inference service now serves, when it is newer than the last recorded
-        (the learner publishes before the record too)."""
-        self.store.record_step(self.job_id, record)
-        step = int(record["step"])
-        # Complete checkpoints only: meta.json is written last (axpo_learner.checkpoint).
-        for meta in sorted(self.checkpoint_dir.glob("step-*/meta.json")):
-            path = meta.parent
-            if path.name in self._checkpoints:
-                continue
-            self._checkpoints.add(path.name)
-            try:
-                at = int(json.loads(meta.read_text())["step"])
-            except (OSError, ValueError, KeyError):
-                continue  # pruned meanwhile (the learner keeps the newest two)
-            self.store.record_checkpoint(self.job_id, at, str(path))
-        version = self.served_version()
-        if version is not None and version > self._published:
-            self._published = version
-            self.store.record_publish(self.job_id, version, step)
+        """One new step record of ``metrics.jsonl``, with the checkpoints and weight version
+        that came with it (:class:`~axpo.jobs.progress.JobProgress`)."""
+        self._progress.record(record)
 
     def on_restart(self, event: Restart) -> None:
         reason = (

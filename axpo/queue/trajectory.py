@@ -179,17 +179,20 @@ class TrajectoryQueue:
         block_ms: int | None = None,
         *,
         current_version: int | None = None,
+        min_version: int | None = None,
     ) -> list[Delivery]:
         """Up to ``count`` groups for ``consumer``: first its own unacknowledged entries from
         an earlier life, then new ones (waiting up to ``block_ms`` for them).
 
         Bad entries are dead-lettered and stale ones dropped here (both acknowledged), so the
-        list may be shorter than what Redis returned, even empty.
+        list may be shorter than what Redis returned, even empty. Stale: sampled more than
+        ``max_policy_lag`` versions before ``current_version``, or before ``min_version`` (a
+        deployment's job: the versions before the job's first weights are another job's).
         """
         entries = self._read(
             self.groups_key, self.settings.groups_consumer_group, consumer, count, block_ms
         )
-        return self._deliver_groups(consumer, entries, current_version)
+        return self._deliver_groups(consumer, entries, current_version, min_version)
 
     def reclaim(
         self,
@@ -198,9 +201,11 @@ class TrajectoryQueue:
         *,
         count: int = 100,
         current_version: int | None = None,
+        min_version: int | None = None,
     ) -> list[Delivery]:
         """Take over groups delivered to other consumers and unacknowledged for
-        ``min_idle_ms`` (default ``claim_idle_ms``): those consumers are presumed dead."""
+        ``min_idle_ms`` (default ``claim_idle_ms``): those consumers are presumed dead.
+        Stale ones are dropped as by :meth:`take_groups`."""
         group = self.settings.groups_consumer_group
         entries = self._autoclaim(self.groups_key, group, consumer, min_idle_ms, count)
         if entries:
@@ -225,7 +230,7 @@ class TrajectoryQueue:
                 log_event(_log, 30, "dead letter", job=self.job_id, entry=entry_id, reason=reason)
             else:
                 kept.append((entry_id, fields))
-        return self._deliver_groups(consumer, kept, current_version)
+        return self._deliver_groups(consumer, kept, current_version, min_version)
 
     def _times_delivered(self, key: str, group: str, entry_id: str) -> int:
         rows = _any(self.client.xpending_range(key, group, min=entry_id, max=entry_id, count=1))
@@ -292,6 +297,7 @@ class TrajectoryQueue:
         consumer: str,
         entries: list[tuple[str, dict[bytes, bytes] | None]],
         current_version: int | None,
+        min_version: int | None = None,
     ) -> list[Delivery]:
         lag = self.settings.max_policy_lag
         decoded: list[tuple[str, pb.Group]] = []
@@ -310,7 +316,9 @@ class TrajectoryQueue:
             except DecodeError as exc:
                 dead.append((entry_id, f"undecodable axpo.v1.Group: {exc}"))
                 continue
-            if current_version is not None and msg.policy_version < current_version - lag:
+            if (current_version is not None and msg.policy_version < current_version - lag) or (
+                min_version is not None and msg.policy_version < min_version
+            ):
                 stale.append(entry_id)
                 continue
             decoded.append((entry_id, msg))

@@ -129,6 +129,23 @@ class LearnerSettings(BaseSettings):
     """YAML job spec; when given, its ``name``, ``steps``, ``questions_per_step`` and
     ``algorithm`` replace ``job_id``, ``max_steps``, ``questions_per_step`` and the default
     algorithm."""
+    job_store: bool = False
+    """Take jobs from the deployment's job store (Redis: the queue's server and key prefix,
+    where the api puts them) instead of ``job_spec``/``job_id``: claim the oldest queued job,
+    train it (its ``steps``, ``questions_per_step``, ``algorithm``, ``seed`` and its
+    ``run.learner`` fields but the deployment's: see ``axpo_learner.jobs``), feed its
+    questions, record its progress, end it, and take the next; idle while none waits. A job
+    left running by a crash is resumed from its checkpoint. Needs ``jobs_dir``."""
+    jobs_dir: str = ""
+    """With ``job_store``: each job's artefacts go to ``<jobs_dir>/<job id>/`` (``config.yaml``,
+    ``metrics.jsonl``, ``checkpoints/``, ``final-model/``, ``report.md``, ``summary.json``)."""
+    job_poll_s: Annotated[float, Field(gt=0)] = 1.0
+    """With ``job_store``: how often an idle learner looks for a queued job, and a running
+    one for its cancel flag, in seconds."""
+    model_name: str = ""
+    """With ``job_store``: another name jobs may give for ``model`` (a hub name such as
+    ``Qwen/Qwen3-VL-2B-Thinking`` for the directory it was downloaded to). A job naming
+    another model fails: a deployment serves one model."""
     queue: QueueSettings = QueueSettings()
     """The trajectory queue (Redis) the groups come from."""
     consumer: Annotated[str, Field(min_length=1)] = "learner-0"

@@ -27,8 +27,8 @@ class RolloutSettings(BaseSettings):
     log: LogSettings = LogSettings()
     """Logging."""
     job_spec: str = ""
-    """YAML job spec (required): its ``name`` is the job, ``algorithm`` and ``rollout`` say
-    how groups are sampled, ``reward`` how they are scored."""
+    """YAML job spec (required unless ``job_store``): its ``name`` is the job, ``algorithm``
+    and ``rollout`` say how groups are sampled, ``reward`` how they are scored."""
     tokenizer: str = ""
     """Checkpoint directory whose ``tokenizer.json`` the loop uses; unset: the job's model."""
     inference: RpcClientSettings = RpcClientSettings(target="127.0.0.1:50051", deadline_s=600.0)
@@ -37,6 +37,12 @@ class RolloutSettings(BaseSettings):
     """The tool server."""
     verifier: RpcClientSettings = RpcClientSettings(target="127.0.0.1:50053", deadline_s=60.0)
     """The reward verifier."""
+    job_store: bool = False
+    """Follow the deployment's job store (Redis: the queue's server and key prefix) instead of
+    ``job_spec``: sample for the job the learner runs, from the moment its first weights are
+    served, until it ends, then wait for the next; idle while none runs."""
+    job_poll_s: Annotated[float, Field(gt=0)] = 1.0
+    """With ``job_store``: how often the worker looks at the job store, in seconds."""
     queue: QueueSettings = QueueSettings()
     """The trajectory queue (Redis): prompts in, groups out."""
     consumer: Annotated[str, Field(min_length=1)] = "rollout-0"

@@ -212,3 +212,24 @@ def test_cancel_of_a_running_job_sets_the_flag_workers_poll(store):
     store.finish(job.id, JobState.CANCELLED)
     with pytest.raises(JobStateError, match="already cancelled"):
         store.cancel(job.id)
+
+
+def test_the_runtime_of_a_job_is_its_first_starts_and_running_job_follows_the_slot(store):
+    job, _ = store.submit(spec())
+    assert store.runtime(job.id) is None
+    assert store.running_job() is None
+    assert store.claim_next().id == job.id
+    assert store.running_job() is None, "claimed but not started: workers wait"
+    store.mark_running(job.id)
+    assert store.running_job().id == job.id
+    first = store.start_runtime(job.id, {"base_version": 5, "max_backlog": 8})
+    assert first == {"base_version": 5, "max_backlog": 8}
+    # A restarted learner starts the job again: the first decision stands.
+    assert store.start_runtime(job.id, {"base_version": 9, "max_backlog": 8}) == first
+    assert store.runtime(job.id) == first
+    assert store.get(job.id).state == JobState.RUNNING  # the record reads as before
+    store.finish(job.id, JobState.SUCCEEDED)
+    assert store.running_job() is None
+    with pytest.raises(JobNotFoundError):
+        store.start_runtime("no-such-job", {"base_version": 0})
+    assert not store.client.exists(store.job_key("no-such-job"))

@@ -160,6 +160,25 @@ def test_stale_groups_are_dropped_and_counted(redis_client):
     assert len(_image_keys(redis_client, q)) == 2  # the dropped groups' images are released
 
 
+def test_groups_below_a_jobs_first_version_are_dropped_by_take_and_reclaim(redis_client):
+    # A deployment's job starts at the version its first weights were published at; groups
+    # sampled with an earlier job's weights are within max_policy_lag but must not be trained.
+    q = _queue(redis_client, max_policy_lag=4, claim_idle_ms=1)
+    for v in (7, 8, 9):
+        q.put_group(make_group(f"v{v}", version=v, image=make_image(v)))
+    got = _drain(q, "learner-0", current_version=9, min_version=8)
+    assert [x.group.policy_version for x in got] == [8, 9]
+    assert q.counters().dropped_stale == 1
+    q.ack_groups([x.entry_id for x in got])
+    q.put_group(make_group("v7-late", version=7, image=make_image(70)))
+    q.put_group(make_group("v9-late", version=9, image=make_image(90)))
+    assert q.take_groups("dead-worker", count=8, block_ms=10) != []  # delivered, never acked
+    time.sleep(0.01)
+    reclaimed = q.reclaim("learner-0", current_version=9, min_version=8)
+    assert [x.group.group_id for x in reclaimed] == ["v9-late"]
+    assert q.counters().dropped_stale == 2
+
+
 def test_backpressure_waits_for_the_learner_and_times_out_clearly(redis_client):
     q = _queue(redis_client, max_backlog=2)
     q.put_group(make_group("a"))
@@ -302,3 +321,24 @@ def test_touched_groups_are_not_reclaimed_and_touching_is_no_delivery(redis_clie
     assert q._times_delivered(q.groups_key, q.settings.groups_consumer_group, ids[0]) == 1
     assert q.ack_groups(ids) == 3
     assert q.touch_groups("holder", ids) == 0  # no longer pending: ignored
+
+
+def test_the_prompt_feeder_keeps_its_backlog_and_continues_after_a_restart(redis_client):
+    from axpo.jobs.feeder import PromptFeeder
+    from axpo.settings.job import JobSpec
+
+    q = _queue(redis_client)
+    spec = JobSpec.model_validate(
+        {"name": "j", "model": "m", "questions_per_step": 2, "tasks": {"count": 3}}
+    )
+    feeder = PromptFeeder(q, spec)
+    assert feeder.backlog == 4  # two steps' worth by default
+    assert feeder.top_up() == 4
+    assert feeder.top_up() == 0  # nothing done yet
+    taken = q.take_prompts("w", count=3, block_ms=10)
+    q.ack_prompts([t.entry_id for t in taken])
+    # A new feeder (a restarted learner) continues the numbering from the queue's counter.
+    assert PromptFeeder(q, spec).top_up() == 3
+    ids = [t.task.task_id for t in q.take_prompts("w", count=10, block_ms=10)]
+    assert ids == ["q3", "q4", "q5", "q6"]
+    assert [t.task.question_id for t in taken] == ["q0", "q1", "q2"]

@@ -26,6 +26,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -39,6 +40,7 @@ from axpo.telemetry.metrics import StepMetrics, append_jsonl
 from axpo.v1 import learner_pb2, learner_pb2_grpc
 from axpo_learner import distributed
 from axpo_learner.loop import LearnerLoop
+from axpo_learner.loop.status import LoopStatus
 from axpo_learner.publish import PathPublisher, StreamPublisher, WeightPublisher
 from axpo_learner.trainer import Trainer
 
@@ -47,8 +49,14 @@ SERVICE_NAME = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_na
 log = logging.getLogger(__name__)
 
 
+class _HasStatus(Protocol):
+    def status(self) -> LoopStatus: ...
+
+
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
-    def __init__(self, loop: LearnerLoop) -> None:
+    """Status of a loop, or of a deployment's job runner (its current job's loop)."""
+
+    def __init__(self, loop: _HasStatus) -> None:
         self._loop = loop
 
     def Status(
@@ -67,7 +75,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         )
 
 
-def start(settings: LearnerSettings, loop: LearnerLoop) -> RunningServer:
+def start(settings: LearnerSettings, loop: _HasStatus) -> RunningServer:
     """Serve ``loop``'s status (non-blocking); the caller runs the loop and stops the server."""
     servicer = LearnerServicer(loop)
     registration = ServiceRegistration(
@@ -130,7 +138,13 @@ def serve(settings: LearnerSettings, port_file: Path | None = None) -> None:
     configure_logging(settings.log, service="learner")
     world = distributed.init_from_env(settings.device)
     try:
-        if world.rank == 0:
+        if settings.job_store:
+            if world.distributed:
+                raise ValueError(
+                    "job_store: a deployment's learner runs as one process (not under torchrun)"
+                )
+            _serve_jobs(settings, port_file)
+        elif world.rank == 0:
             _serve_leader(settings, port_file)
         else:
             _run_follower(settings)
@@ -203,6 +217,59 @@ def _serve_leader(settings: LearnerSettings, port_file: Path | None) -> None:
             thread.join()
         if failure:
             raise RuntimeError(f"learner loop failed: {failure[0]}") from failure[0]
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if step_metrics is not None:
+            step_metrics.close()
+        client.close()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def _serve_jobs(settings: LearnerSettings, port_file: Path | None) -> None:
+    """A deployment's learner (``job_store``): :class:`~axpo_learner.jobs.JobRunner` in a
+    background thread, Status (of the current job; idle between jobs) in the main thread,
+    until SIGTERM/SIGINT (the current job checkpoints and stays running) or an error."""
+    from axpo_learner.jobs import JobRunner
+
+    client, redis_server = connect(settings.queue)
+    publisher: WeightPublisher | None = None
+    step_metrics: StepMetrics | None = None
+    try:
+        publisher = make_publisher(settings)
+        step_metrics = _step_metrics(settings)
+        on_step = None
+        if step_metrics is not None:
+            gauges = step_metrics
+
+            def on_step(record: dict[str, float]) -> None:
+                gauges.update(int(record["step"]), record)
+
+        runner = JobRunner(settings, client, publisher, on_step=on_step)
+        running = start(settings, runner)
+        failure: list[BaseException] = []
+
+        def run_jobs() -> None:
+            try:
+                runner.run()
+            except BaseException as exc:
+                failure.append(exc)
+                log.exception("job runner failed")
+            finally:
+                running.stop(settings.rpc.grace_s)
+
+        thread = threading.Thread(target=run_jobs, name="job-runner", daemon=True)
+        thread.start()
+        if port_file is not None:
+            port_file.write_text(f"{running.port}\n")
+        try:
+            serve_forever(running, settings.rpc.grace_s)
+        finally:
+            runner.request_stop()
+            thread.join()
+        if failure:
+            raise RuntimeError(f"job runner failed: {failure[0]}") from failure[0]
     finally:
         if publisher is not None:
             publisher.close()

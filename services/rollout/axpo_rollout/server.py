@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from axpo.contracts.template_check import TemplateReport, check_chat_template
@@ -30,7 +31,9 @@ from axpo_rollout.worker import RolloutWorker
 log = logging.getLogger("axpo.rollout")
 
 
-def _metrics(worker: RolloutWorker, port: int) -> object:
+def _metrics(current: Callable[[], RolloutWorker | None], port: int) -> object:
+    """Prometheus ``/metrics`` with the counters of ``current()``, the worker running now
+    (none between a deployment's jobs; a new job's worker counts from 0)."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.core import CounterMetricFamily
 
@@ -38,6 +41,9 @@ def _metrics(worker: RolloutWorker, port: int) -> object:
 
     class _Collector:
         def collect(self) -> object:
+            worker = current()
+            if worker is None:
+                return
             c = worker.counters
             for name, value, doc in (
                 ("groups", c.groups, "groups put on the queue"),
@@ -95,6 +101,9 @@ def check_template(checkpoint: str, spec: JobSpec) -> TemplateReport:
 
 def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
     configure_logging(settings.log, service="rollout")
+    if settings.job_store:
+        _serve_jobs(settings, port_file)
+        return
     if not settings.job_spec:
         raise ValueError("serve rollout: AXPO_ROLLOUT_JOB_SPEC (a job spec YAML) is required")
     spec = load_job_spec(settings.job_spec)
@@ -111,7 +120,7 @@ def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
         running = start_server([], settings.rpc, service="rollout")
         metrics_server = None
         if settings.metrics_port is not None:
-            metrics_server = _metrics(worker, settings.metrics_port)
+            metrics_server = _metrics(lambda: worker, settings.metrics_port)
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -142,6 +151,50 @@ def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
             raise RuntimeError(f"rollout worker failed: {failure[0]}") from failure[0]
     finally:
         backend.close()
+        client.close()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def _serve_jobs(settings: RolloutSettings, port_file: Path | None) -> None:
+    """A deployment's worker (``job_store``): :class:`~axpo_rollout.jobs.JobFollower` in a
+    background thread, gRPC health in the main thread, until SIGTERM/SIGINT (the worker stops
+    at once, as above) or an error."""
+    from axpo_rollout.jobs import JobFollower
+
+    client, redis_server = connect(settings.queue)
+    try:
+        follower = JobFollower(settings, client, check_template)
+        running = start_server([], settings.rpc, service="rollout")
+        metrics_server = None
+        if settings.metrics_port is not None:
+            metrics_server = _metrics(lambda: follower.worker, settings.metrics_port)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                follower.run()
+            except BaseException as exc:
+                failure.append(exc)
+                log.exception("rollout worker failed")
+            finally:
+                running.stop(settings.rpc.grace_s)
+
+        thread = threading.Thread(target=run, name="job-follower", daemon=True)
+        thread.start()
+        if port_file is not None:
+            port_file.write_text(f"{running.port}\n")
+        log_event(log, logging.INFO, "worker waiting for jobs", consumer=settings.consumer)
+        try:
+            serve_forever(running, settings.rpc.grace_s)
+        finally:
+            follower.request_stop()
+            thread.join()
+            if metrics_server is not None:
+                metrics_server.shutdown()  # type: ignore[attr-defined]
+        if failure:
+            raise RuntimeError(f"rollout worker failed: {failure[0]}") from failure[0]
+    finally:
         client.close()
         if redis_server is not None:
             redis_server.stop()

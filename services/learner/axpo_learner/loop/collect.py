@@ -47,6 +47,9 @@ class Collector:
         # When the partial step being collected is due (``step_timeout_s``); None until its
         # first group arrives.
         self._deadline: float | None = None
+        # Groups sampled before this version are dropped as stale (a deployment's job: the
+        # versions before its first published weights are another job's); None: no floor.
+        self.min_version: int | None = None
 
     def collect(
         self, uncheckpointed: Sequence[str], until: float | None = None
@@ -82,6 +85,7 @@ class Collector:
                     count=count,
                     block_ms=block,
                     current_version=version,
+                    min_version=self.min_version,
                 )
             )
             if not new:
@@ -89,7 +93,13 @@ class Collector:
                 # delivery each time, until it is dead-lettered as a poison message).
                 self._redis(partial(queue.touch_groups, consumer, sorted(held)))
                 new = self._redis(
-                    partial(queue.reclaim, consumer, count=count, current_version=version)
+                    partial(
+                        queue.reclaim,
+                        consumer,
+                        count=count,
+                        current_version=version,
+                        min_version=self.min_version,
+                    )
                 )
                 if not new and block_ms == 0:
                     time.sleep(0.01)  # no blocking read to wait in: do not spin

@@ -123,6 +123,11 @@ class LearnerLoop:
         """End :meth:`run` after the current step (thread-safe, idempotent)."""
         self._stop.set()
 
+    def set_min_group_version(self, version: int | None) -> None:
+        """Drop groups sampled before ``version`` as stale (a deployment's job: the versions
+        before its first published weights are another job's); None: no floor. Rank 0."""
+        self._leader_collector().min_version = version
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
