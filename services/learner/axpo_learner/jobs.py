@@ -317,6 +317,7 @@ class JobRunner:
         finally:
             loop.request_stop()  # ends the watcher
             watcher.join()
+        progress.record_checkpoints()  # the one written when the loop stopped
         if loop.done() and not cancelled.is_set():
             return JobState.SUCCEEDED
         if cancelled.is_set() or self.store.cancel_requested(job_id):
