@@ -112,6 +112,7 @@ class Deployment:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(token + "\n")
+
         def start(name: str, service: str, env: dict[str, str]) -> Child:
             return self.procs.start(name, service, {**self.env, **env})
 
