@@ -127,6 +127,28 @@ def test_verify_bad_arguments_exit_2(args, message):
     assert out.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model"], "add --tiny"),
+        (["--model", ".", "--rollout-workers", "0"], "--rollout-workers 0"),
+        (["--model", ".", "--max-restarts", "-1"], "--max-restarts -1"),
+    ],
+    ids=["no-model", "workers", "restarts"],
+)
+def test_deploy_bad_arguments_exit_2_before_starting_anything(args, message, tmp_path):
+    out = axpo("deploy", "--dir", str(tmp_path / "dep"), *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert not (tmp_path / "dep").exists()
+
+
+def test_deploy_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+    out = axpo("deploy", "--dir", str(tmp_path / "dep"), "--model", str(tmp_path))
+    assert out.returncode == 1
+    assert "not a checkpoint directory (no config.json)" in out.stderr
+
+
 def test_job_check(tmp_path):
     ok = axpo("job", "check", str(REPO / "configs" / "example-job.yaml"))
     assert ok.returncode == 0, ok.stderr
