@@ -66,7 +66,8 @@ class JobFollower:
         poll = self.settings.job_poll_s
         while not self._stop.is_set():
             job, runtime = self._current()
-            if job is None or runtime is None or job.id in self._refused:
+            # A cancelled job stays running until the learner has checkpointed: not followed.
+            if job is None or runtime is None or job.id in self._refused or job.cancel_requested:
                 self._stop.wait(poll)
                 continue
             self.follow(job, runtime)
