@@ -18,6 +18,18 @@ fi
 .venv/bin/python -m pip install -q -e ".[model,report]" -e services/verifier -e services/tools \
   -e services/inference -e services/learner -e services/rollout -e services/api -e clients/python \
   -r requirements-dev.txt
+# Debian's docker-compose (1.29, a client only: no engine) validates compose.yaml offline
+# (tests/unit/test_compose.py). Installed when missing and apt-get is usable (root).
+if ! command -v docker-compose >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 \
+           && apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1; } \
+      || echo "setup: could not install docker-compose; the compose check will be skipped" >&2
+  else
+    echo "setup: docker-compose missing (apt-get install docker-compose); compose check skipped" >&2
+  fi
+fi
 # PyPI's torchvision is CUDA-linked; make it import on the CPU torch (see the script).
 .venv/bin/python scripts/fix_torchvision.py
 if command -v npm >/dev/null 2>&1; then

@@ -45,9 +45,18 @@ class RolloutSettings(BaseSettings):
     """With ``job_store``: how often the worker looks at the job store, in seconds."""
     queue: QueueSettings = QueueSettings()
     """The trajectory queue (Redis): prompts in, groups out."""
-    consumer: Annotated[str, Field(min_length=1)] = "rollout-0"
-    """Consumer name on the prompts stream; keep it stable across restarts of this worker."""
+    consumer: str = ""
+    """Consumer name in the prompts stream's consumer group: unique per worker and stable
+    across its restarts (a restarted worker reads its unacknowledged prompts again first).
+    Empty: this host's name, which is unique per container of a compose service's replicas
+    and per pod (:meth:`consumer_name`)."""
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     """Port of the worker's Prometheus ``/metrics`` (0 picks one); unset: none."""
     health_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     """How long the worker waits for its services to become healthy at start."""
+
+    def consumer_name(self) -> str:
+        """:attr:`consumer`, or this host's name when it is empty."""
+        import socket
+
+        return self.consumer or socket.gethostname()

@@ -134,3 +134,13 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_reward_spec_gives_weights():
     spec = job.RewardSpec(accuracy=1.0, format=0.0, tool_bonus=0.2)
     assert spec.weights() == RewardWeights(1.0, 0.0, 0.2)
+
+
+def test_a_rollout_workers_consumer_name_is_its_hosts_unless_set(monkeypatch):
+    import socket
+
+    from axpo.settings.rollout import RolloutSettings
+
+    monkeypatch.delenv("AXPO_ROLLOUT_CONSUMER", raising=False)
+    assert RolloutSettings().consumer_name() == socket.gethostname()
+    assert RolloutSettings(consumer="rollout-3").consumer_name() == "rollout-3"

@@ -115,7 +115,7 @@ class JobFollower:
             )
             queue = TrajectoryQueue(self.client, job.id, queue_settings)
             queue.ensure()
-            worker = RolloutWorker(loop, queue, settings.consumer)
+            worker = RolloutWorker(loop, queue, settings.consumer_name())
             with self._lock:
                 self.worker = worker
             self.jobs_followed.append(job.id)
@@ -129,7 +129,9 @@ class JobFollower:
 
             thread = threading.Thread(target=run, name=f"rollout-{job.id}", daemon=True)
             thread.start()
-            log_event(log, logging.INFO, "job followed", job=job.id, consumer=settings.consumer)
+            log_event(
+                log, logging.INFO, "job followed", job=job.id, consumer=settings.consumer_name()
+            )
             while thread.is_alive() and not self._stop.is_set() and self._still_current(job.id):
                 thread.join(settings.job_poll_s)
             worker.request_stop()

@@ -116,7 +116,7 @@ def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
         loop = AgentLoop(backend, vocab, spec, backend.list_tools(), seed=None)
         queue = TrajectoryQueue(client, spec.name, settings.queue)
         queue.ensure()
-        worker = RolloutWorker(loop, queue, settings.consumer)
+        worker = RolloutWorker(loop, queue, settings.consumer_name())
         running = start_server([], settings.rpc, service="rollout")
         metrics_server = None
         if settings.metrics_port is not None:
@@ -136,7 +136,9 @@ def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
         thread.start()
         if port_file is not None:
             port_file.write_text(f"{running.port}\n")
-        log_event(log, logging.INFO, "worker started", job=spec.name, consumer=settings.consumer)
+        log_event(
+            log, logging.INFO, "worker started", job=spec.name, consumer=settings.consumer_name()
+        )
         try:
             serve_forever(running, settings.rpc.grace_s)
         finally:
@@ -184,7 +186,7 @@ def _serve_jobs(settings: RolloutSettings, port_file: Path | None) -> None:
         thread.start()
         if port_file is not None:
             port_file.write_text(f"{running.port}\n")
-        log_event(log, logging.INFO, "worker waiting for jobs", consumer=settings.consumer)
+        log_event(log, logging.INFO, "worker waiting for jobs", consumer=settings.consumer_name())
         try:
             serve_forever(running, settings.rpc.grace_s)
         finally:
