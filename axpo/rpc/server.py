@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -36,7 +37,13 @@ from grpc_reflection.v1alpha import reflection
 from axpo.settings.base import RpcServerSettings
 from axpo.telemetry.logs import get_logger, log_event
 
-__all__ = ["RunningServer", "ServiceRegistration", "serve_forever", "start_server"]
+__all__ = [
+    "RunningServer",
+    "ServiceRegistration",
+    "serve_forever",
+    "serve_while",
+    "start_server",
+]
 
 _LOG = get_logger(__name__)
 
@@ -212,6 +219,45 @@ def serve_forever(running: RunningServer, grace_s: float) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log_event(_LOG, logging.INFO, "stopped", address=running.address)
+
+
+def serve_while(
+    running: RunningServer,
+    work: Callable[[], None],
+    stop: Callable[[], None],
+    *,
+    grace_s: float,
+    name: str,
+    port_file: Path | None = None,
+) -> None:
+    """A service whose work runs beside its gRPC server (the learner's loop, a rollout
+    worker): ``work`` runs in a thread named ``name`` while this thread serves
+    (:func:`serve_forever`, writing the bound port to ``port_file`` first). When ``work``
+    returns or raises, the server stops; when the server stops first (SIGTERM, SIGINT),
+    ``stop()`` asks ``work`` to end and this waits for it. An exception of ``work`` is logged
+    and raised again as RuntimeError (a non-zero exit, for a supervisor to restart)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - raised again below, in the caller's thread
+            failure.append(exc)
+            _LOG.exception("%s failed", name)
+        finally:
+            running.stop(grace_s)  # ends serve_forever below
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    if port_file is not None:
+        port_file.write_text(f"{running.port}\n")
+    try:
+        serve_forever(running, grace_s)
+    finally:
+        stop()
+        thread.join()
+    if failure:
+        raise RuntimeError(f"{name} failed: {failure[0]}") from failure[0]
 
 
 # --------------------------------------------------------------------------- interceptors

@@ -438,3 +438,36 @@ def test_sigterm_lets_in_flight_rpc_finish(tmp_path: Path) -> None:
     assert " INFO slow listening address=127.0.0.1:" in err
     assert f"INFO slow rpc method={SCORE} code=OK ms=" in err
     assert "INFO slow shutting down signal=SIGTERM grace_s=5.0" in err
+
+
+def test_serve_while_stops_the_server_when_the_work_fails_and_raises_it(tmp_path: Path) -> None:
+    from axpo.rpc.server import serve_while
+
+    running = start_server([], RpcServerSettings(port=0), service="test")
+    stopped = threading.Event()
+
+    def work() -> None:
+        raise ValueError("the work broke")
+
+    port_file = tmp_path / "port"
+    with pytest.raises(RuntimeError, match="worker failed: the work broke"):
+        serve_while(running, work, stopped.set, grace_s=0.1, name="worker", port_file=port_file)
+    assert port_file.read_text().strip() == str(running.port)
+    assert running.wait(timeout=1), "the server stopped with the work"
+    assert stopped.is_set()
+
+
+def test_serve_while_asks_the_work_to_stop_when_the_server_stops() -> None:
+    from axpo.rpc.server import serve_while
+
+    running = start_server([], RpcServerSettings(port=0), service="test")
+    stop = threading.Event()
+    finished = threading.Event()
+
+    def work() -> None:
+        if stop.wait(10):  # asked to stop (not timed out)
+            finished.set()
+
+    threading.Timer(0.3, running.stop, args=(0.1,)).start()  # what SIGTERM does
+    serve_while(running, work, stop.set, grace_s=0.1, name="worker")
+    assert finished.is_set(), "the work was not asked to stop, or not waited for"

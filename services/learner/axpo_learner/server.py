@@ -32,7 +32,7 @@ import grpc
 
 from axpo.algorithm.diagnostics import DIAGNOSTIC_HELP
 from axpo.queue import TrajectoryQueue, connect
-from axpo.rpc.server import RunningServer, ServiceRegistration, serve_forever, start_server
+from axpo.rpc.server import RunningServer, ServiceRegistration, serve_while, start_server
 from axpo.settings.job import AlgorithmSpec, JobSpec, load_job_spec
 from axpo.settings.learner import LearnerSettings
 from axpo.telemetry.logs import configure_logging
@@ -194,29 +194,14 @@ def _serve_leader(settings: LearnerSettings, port_file: Path | None) -> None:
         loop = LearnerLoop(
             settings, spec, queue, trainer, publisher, on_step=_sink(settings, step_metrics)
         )
-        running = start(settings, loop)
-        failure: list[BaseException] = []
-
-        def run_loop() -> None:
-            try:
-                loop.run()
-            except BaseException as exc:
-                failure.append(exc)
-                log.exception("learner loop failed")
-            finally:
-                running.stop(settings.rpc.grace_s)  # ends serve_forever below
-
-        thread = threading.Thread(target=run_loop, name="learner-loop", daemon=True)
-        thread.start()
-        if port_file is not None:
-            port_file.write_text(f"{running.port}\n")
-        try:
-            serve_forever(running, settings.rpc.grace_s)
-        finally:
-            loop.request_stop()
-            thread.join()
-        if failure:
-            raise RuntimeError(f"learner loop failed: {failure[0]}") from failure[0]
+        serve_while(
+            start(settings, loop),
+            loop.run,
+            loop.request_stop,
+            grace_s=settings.rpc.grace_s,
+            name="learner loop",
+            port_file=port_file,
+        )
     finally:
         if publisher is not None:
             publisher.close()
@@ -247,29 +232,14 @@ def _serve_jobs(settings: LearnerSettings, port_file: Path | None) -> None:
                 gauges.update(int(record["step"]), record)
 
         runner = JobRunner(settings, client, publisher, on_step=on_step)
-        running = start(settings, runner)
-        failure: list[BaseException] = []
-
-        def run_jobs() -> None:
-            try:
-                runner.run()
-            except BaseException as exc:
-                failure.append(exc)
-                log.exception("job runner failed")
-            finally:
-                running.stop(settings.rpc.grace_s)
-
-        thread = threading.Thread(target=run_jobs, name="job-runner", daemon=True)
-        thread.start()
-        if port_file is not None:
-            port_file.write_text(f"{running.port}\n")
-        try:
-            serve_forever(running, settings.rpc.grace_s)
-        finally:
-            runner.request_stop()
-            thread.join()
-        if failure:
-            raise RuntimeError(f"job runner failed: {failure[0]}") from failure[0]
+        serve_while(
+            start(settings, runner),
+            runner.run,
+            runner.request_stop,
+            grace_s=settings.rpc.grace_s,
+            name="job runner",
+            port_file=port_file,
+        )
     finally:
         if publisher is not None:
             publisher.close()

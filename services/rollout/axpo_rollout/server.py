@@ -14,13 +14,12 @@ again first, and other workers reclaim them after ``queue.claim_idle_ms``
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from axpo.contracts.template_check import TemplateReport, check_chat_template
 from axpo.queue import TrajectoryQueue, connect
-from axpo.rpc.server import serve_forever, start_server
+from axpo.rpc.server import serve_while, start_server
 from axpo.settings.job import JobSpec, load_job_spec
 from axpo.settings.rollout import RolloutSettings
 from axpo.telemetry.logs import configure_logging, log_event
@@ -121,36 +120,28 @@ def serve(settings: RolloutSettings, port_file: Path | None = None) -> None:
         metrics_server = None
         if settings.metrics_port is not None:
             metrics_server = _metrics(lambda: worker, settings.metrics_port)
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                worker.run()
-            except BaseException as exc:
-                failure.append(exc)
-                log.exception("rollout worker failed")
-            finally:
-                running.stop(settings.rpc.grace_s)
-
-        thread = threading.Thread(target=run, name="rollout-worker", daemon=True)
-        thread.start()
-        if port_file is not None:
-            port_file.write_text(f"{running.port}\n")
         log_event(
             log, logging.INFO, "worker started", job=spec.name, consumer=settings.consumer_name()
         )
-        try:
-            serve_forever(running, settings.rpc.grace_s)
-        finally:
+
+        def stop() -> None:
             worker.request_stop()
             # Cancel the questions in flight now instead of letting them sample to the end: at
             # the end of a run, or when the services are going away, that could take minutes.
             backend.close()
-            thread.join()
+
+        try:
+            serve_while(
+                running,
+                worker.run,
+                stop,
+                grace_s=settings.rpc.grace_s,
+                name="rollout worker",
+                port_file=port_file,
+            )
+        finally:
             if metrics_server is not None:
                 metrics_server.shutdown()  # type: ignore[attr-defined]
-        if failure:
-            raise RuntimeError(f"rollout worker failed: {failure[0]}") from failure[0]
     finally:
         backend.close()
         client.close()
@@ -171,31 +162,19 @@ def _serve_jobs(settings: RolloutSettings, port_file: Path | None) -> None:
         metrics_server = None
         if settings.metrics_port is not None:
             metrics_server = _metrics(lambda: follower.worker, settings.metrics_port)
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                follower.run()
-            except BaseException as exc:
-                failure.append(exc)
-                log.exception("rollout worker failed")
-            finally:
-                running.stop(settings.rpc.grace_s)
-
-        thread = threading.Thread(target=run, name="job-follower", daemon=True)
-        thread.start()
-        if port_file is not None:
-            port_file.write_text(f"{running.port}\n")
         log_event(log, logging.INFO, "worker waiting for jobs", consumer=settings.consumer_name())
         try:
-            serve_forever(running, settings.rpc.grace_s)
+            serve_while(
+                running,
+                follower.run,
+                follower.request_stop,
+                grace_s=settings.rpc.grace_s,
+                name="rollout worker",
+                port_file=port_file,
+            )
         finally:
-            follower.request_stop()
-            thread.join()
             if metrics_server is not None:
                 metrics_server.shutdown()  # type: ignore[attr-defined]
-        if failure:
-            raise RuntimeError(f"rollout worker failed: {failure[0]}") from failure[0]
     finally:
         client.close()
         if redis_server is not None:
