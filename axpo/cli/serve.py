@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 from pathlib import Path
 
 from axpo.cli.common import EXIT_OK, UsageError, load_service, settings_or_usage_error
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # A crash in native code (gRPC, torch, vLLM) leaves each thread's Python stack in the
+    # service's log instead of a bare exit code.
+    faulthandler.enable()
     if args.service == "api":
         return _serve_api(args)
     from axpo.settings.inference import InferenceSettings

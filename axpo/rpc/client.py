@@ -93,11 +93,50 @@ def open_channel(settings: RpcClientSettings) -> grpc.Channel:
         ("grpc.service_config_disable_resolution", 1),
     ]
     raw = grpc.insecure_channel(settings.target, options=options)
+    _register_methods(raw)
     channel = grpc.intercept_channel(
         raw, _CallDefaultsInterceptor(settings.deadline_s, settings.auth_token)
     )
     _TARGETS[channel] = settings.target
     return channel
+
+
+def _register_methods(raw: grpc.Channel) -> None:
+    """Register every axpo and health method on ``raw`` now, before any call.
+
+    Workaround (grpcio 1.85): through ``grpc.intercept_channel`` a generated stub's method is
+    registered with the C core on its first call (``Channel._get_registered_call_handle``),
+    which reads the channel's C pointer without a lock or a closed check. A first call that
+    races ``close()`` (a rollout worker cancels its questions in flight by closing its
+    channels) segfaults the process: rc 139, no Python traceback (seen in CI: a deployment's
+    rollout worker restarted twice with SIGSEGV). Registered beforehand, such a call raises
+    ValueError ("Cannot invoke RPC on closed channel!") like any call after a close.
+    ``tests/integration/test_rpc_helpers.py`` runs the crash in a subprocess."""
+    import importlib
+
+    for module in _SERVICE_MODULES:
+        descriptor = importlib.import_module(module).DESCRIPTOR
+        for service in descriptor.services_by_name.values():
+            for method in service.methods:
+                path = f"/{service.full_name}/{method.name}"
+                kind = (method.client_streaming, method.server_streaming)
+                make: Any = {
+                    (False, False): raw.unary_unary,
+                    (False, True): raw.unary_stream,
+                    (True, False): raw.stream_unary,
+                    (True, True): raw.stream_stream,
+                }[kind]
+                make(path, _registered_method=True)
+
+
+_SERVICE_MODULES = (
+    "axpo.v1.inference_pb2",
+    "axpo.v1.tools_pb2",
+    "axpo.v1.verifier_pb2",
+    "axpo.v1.learner_pb2",
+    "grpc_health.v1.health_pb2",
+)
+"""The modules whose services :func:`_register_methods` registers on every channel."""
 
 
 def wait_for_health(channel: grpc.Channel, timeout_s: float, service: str = "") -> None:

@@ -471,3 +471,38 @@ def test_serve_while_asks_the_work_to_stop_when_the_server_stops() -> None:
     threading.Timer(0.3, running.stop, args=(0.1,)).start()  # what SIGTERM does
     serve_while(running, work, stop.set, grace_s=0.1, name="worker")
     assert finished.is_set(), "the work was not asked to stop, or not waited for"
+
+
+def test_a_call_racing_a_channel_close_raises_instead_of_crashing_the_process() -> None:
+    # grpcio registers a stub's method with the C core on its first call, without checking
+    # that the channel is still open: a first call after close() segfaulted (rc 139). Every
+    # method is registered when the channel opens, so the call raises ValueError instead.
+    script = textwrap.dedent(
+        """
+        from axpo.rpc.client import open_channel
+        from axpo.settings.base import RpcClientSettings
+        from axpo.v1 import inference_pb2, inference_pb2_grpc, tools_pb2, tools_pb2_grpc
+        from axpo.v1 import verifier_pb2, verifier_pb2_grpc
+
+        channel = open_channel(RpcClientSettings(target="127.0.0.1:1"))
+        calls = [
+            lambda: inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+                inference_pb2.GenerateRequest()),
+            lambda: tools_pb2_grpc.ToolServiceStub(channel).ListTools(
+                tools_pb2.ListToolsRequest()),
+            lambda: verifier_pb2_grpc.VerifierServiceStub(channel).Score(
+                verifier_pb2.ScoreRequest()),
+        ]
+        channel.close()
+        for call in calls:
+            try:
+                call()
+            except ValueError as exc:
+                print("raised:", exc)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.count("raised: Cannot invoke RPC on closed channel!") == 3
