@@ -58,7 +58,7 @@ from axpo.settings.learner import LearnerSettings
 from axpo.telemetry.metrics import append_jsonl
 from axpo_learner.loop import LearnerLoop
 from axpo_learner.loop.status import LoopStatus
-from axpo_learner.publish import WeightPublisher
+from axpo_learner.publish import PublishError, WeightPublisher
 from axpo_learner.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,23 @@ DEPLOYMENT_FIELDS = frozenset(
 )
 """Learner settings a job cannot change: they say where the deployment's model, queue,
 replicas and files are."""
+
+
+_RETRY_S = 5.0
+"""Pause before a job left running (Redis or the replicas unreachable) is taken up again."""
+
+
+class RetryLater(RuntimeError):
+    """The job cannot go on now for a reason not its own; it stays running, taken up again
+    after :data:`_RETRY_S` from its checkpoint."""
+
+
+def _empty_device_cache() -> None:
+    """Give the finished job's cached CUDA memory back (the next job's model needs it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class JobRefused(ValueError):
@@ -218,8 +235,17 @@ class JobRunner:
             self.run_job(job)
 
     def run_job(self, job: JobRecord) -> JobState | None:
-        """Train ``job`` to its end; returns its final state, or None when a stop request left
-        it running (resumed at the next start)."""
+        """Train ``job`` to its end; returns its final state, or None when it is left running
+        (a stop request; Redis or the replicas unreachable: taken up again after a pause,
+        from its checkpoint)."""
+        try:
+            return self._run_job(job)
+        except (redis.RedisError, RetryLater) as exc:
+            log.warning("job %s left running: %s; taken up again in %.0f s", job.id, exc, _RETRY_S)
+            self._stop.wait(_RETRY_S)
+            return None
+
+    def _run_job(self, job: JobRecord) -> JobState | None:
         log.info("job %s claimed (%s)", job.id, job.state)
         try:
             spec = JobSpec.model_validate(job.spec)
@@ -246,6 +272,8 @@ class JobRunner:
         (job_dir / "config.yaml").write_text(yaml.safe_dump(job.spec, sort_keys=False))
         try:
             state = self._train(job.id, spec, settings, job_dir)
+        except (redis.RedisError, RetryLater):
+            raise  # not the job's fault: it stays running
         except Exception as exc:
             log.exception("job %s failed", job.id)
             return self._end(job.id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
@@ -253,9 +281,13 @@ class JobRunner:
             with self._lock:
                 self._loop = None
             gc.collect()  # the job's model and optimizer states, before the next job's
+            _empty_device_cache()
         if state is None:
             return None
-        self._write_summary(job.id, spec, job_dir, state)
+        try:
+            self._write_summary(job.id, spec, job_dir, state)
+        except Exception:  # the job is trained: a summary that cannot be written is logged
+            log.exception("job %s: summary.json could not be written", job.id)
         return self._end(job.id, state)
 
     def _train(
@@ -290,7 +322,18 @@ class JobRunner:
             self._loop = loop
         if self._stop.is_set():
             return None
+        if self.publisher is not None:
+            # The job's first weights go above every version the replicas served: that needs
+            # their versions (unknown, a new job would train on the last job's samples).
+            try:
+                self.publisher.serving_versions()
+            except PublishError as exc:
+                raise RetryLater(f"the inference replicas do not answer: {exc}") from exc
         loop.recover()
+        if self.publisher is not None and loop.status().published_version != (
+            trainer.policy_version
+        ):
+            raise RetryLater(f"weights version {trainer.policy_version} could not be published")
         runtime = self.store.start_runtime(
             job_id, {"base_version": trainer.policy_version, "max_backlog": backlog}
         )
@@ -305,9 +348,10 @@ class JobRunner:
             runtime["base_version"],
         )
         cancelled = threading.Event()
+        ended = threading.Event()
         watcher = threading.Thread(
             target=self._watch,
-            args=(job_id, PromptFeeder(queue, spec), loop, cancelled),
+            args=(job_id, PromptFeeder(queue, spec), loop, cancelled, ended),
             name="job-watch",
             daemon=True,
         )
@@ -318,6 +362,8 @@ class JobRunner:
             loop.request_stop()  # ends the watcher
             watcher.join()
         progress.record_checkpoints()  # the one written when the loop stopped
+        if ended.is_set():  # failed by a rollout worker, or by hand
+            return self.store.get(job_id).state
         if loop.done() and not cancelled.is_set():
             return JobState.SUCCEEDED
         if cancelled.is_set() or self.store.cancel_requested(job_id):
@@ -325,13 +371,25 @@ class JobRunner:
         return None  # a stop request: the job stays running
 
     def _watch(
-        self, job_id: str, feeder: PromptFeeder, loop: LearnerLoop, cancelled: threading.Event
+        self,
+        job_id: str,
+        feeder: PromptFeeder,
+        loop: LearnerLoop,
+        cancelled: threading.Event,
+        ended: threading.Event,
     ) -> None:
-        """While the loop trains: keep its questions fed, and stop it on a cancel."""
+        """While the loop trains: keep its questions fed; stop it on a cancel, or when the job
+        ended elsewhere (a rollout worker that cannot sample it fails it)."""
         while not loop.stopping and not loop.done():
             try:
                 feeder.top_up()
-                if self.store.cancel_requested(job_id):
+                job = self.store.get(job_id)
+                if job.state.finished:
+                    log.warning("job %s ended %s elsewhere; stopping", job_id, job.state)
+                    ended.set()
+                    loop.request_stop()
+                    return
+                if job.cancel_requested:
                     log.info("job %s: cancel requested; stopping after this step", job_id)
                     cancelled.set()
                     loop.request_stop()

@@ -20,12 +20,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import redis
 from pydantic import ValidationError
 
 from axpo.contracts.template_check import TemplateMismatch
 from axpo.jobs import JobRecord, JobState, JobStateError, JobStore
 from axpo.queue import TrajectoryQueue
+from axpo.rpc.client import ServiceUnavailableError
 from axpo.settings.job import JobSpec
 from axpo.settings.rollout import RolloutSettings
 from axpo.telemetry.logs import log_event
@@ -34,6 +36,10 @@ from axpo_rollout.clients import GrpcBackend
 from axpo_rollout.worker import RolloutWorker
 
 log = logging.getLogger("axpo.rollout")
+
+_RETRY_S = 5.0
+"""Pause before following a job again after its services were not ready or its worker
+failed."""
 
 
 class JobFollower:
@@ -99,50 +105,82 @@ class JobFollower:
         try:
             self.check_template(checkpoint, spec)
         except (TemplateMismatch, OSError, ValueError) as exc:
-            self._refused.add(job.id)
-            try:
-                self.store.finish(job.id, JobState.FAILED, f"rollout worker: {exc}")
-            except (JobStateError, redis.RedisError) as err:
-                log.error("job %s could not be failed: %s", job.id, err)
+            self._refuse(job.id, f"rollout worker: {exc}")
             return
         backend = GrpcBackend(settings.inference, settings.tools, settings.verifier)
-        failure: list[BaseException] = []
+        loop: AgentLoop | None = None
         try:
-            backend.wait_ready(settings.health_timeout_s)
-            loop = AgentLoop(backend, Vocab(checkpoint), spec, backend.list_tools(), seed=None)
-            queue_settings = settings.queue.model_copy(
-                update={"max_backlog": int(runtime["max_backlog"])}
-            )
-            queue = TrajectoryQueue(self.client, job.id, queue_settings)
-            queue.ensure()
-            worker = RolloutWorker(loop, queue, settings.consumer_name())
-            with self._lock:
-                self.worker = worker
-            self.jobs_followed.append(job.id)
-
-            def run() -> None:
-                try:
-                    worker.run()
-                except BaseException as exc:
-                    failure.append(exc)
-                    log.exception("rollout worker failed on job %s", job.id)
-
-            thread = threading.Thread(target=run, name=f"rollout-{job.id}", daemon=True)
-            thread.start()
-            log_event(
-                log, logging.INFO, "job followed", job=job.id, consumer=settings.consumer_name()
-            )
-            while thread.is_alive() and not self._stop.is_set() and self._still_current(job.id):
-                thread.join(settings.job_poll_s)
-            worker.request_stop()
-            backend.close()  # questions in flight fail now; their prompts stay unacked
-            thread.join()
-            log_event(log, logging.INFO, "job left", job=job.id)
+            try:
+                backend.wait_ready(settings.health_timeout_s)
+                tools = backend.list_tools()
+                loop = AgentLoop(backend, Vocab(checkpoint), spec, tools, seed=None)
+            except (ServiceUnavailableError, grpc.RpcError) as exc:
+                log.warning("job %s: services not ready (%s); trying again", job.id, exc)
+                self._stop.wait(_RETRY_S)
+                return
+            except (ValueError, OSError) as exc:  # the job's own fault: unknown tools, tokenizer
+                self._refuse(job.id, f"rollout worker: job {job.id} cannot be sampled: {exc}")
+                return
+            try:
+                self._sample(job, runtime, loop, backend)
+            except redis.RedisError as exc:
+                log.warning("job %s: Redis unreachable (%s); trying again", job.id, exc)
+                self._stop.wait(_RETRY_S)
         finally:
+            if loop is not None:
+                loop.close()
             backend.close()
+
+    def _sample(
+        self, job: JobRecord, runtime: dict[str, Any], loop: AgentLoop, backend: GrpcBackend
+    ) -> None:
+        """Run a worker on ``job``'s streams while it is current. A worker that fails is logged
+        and the job followed again after a pause: one job's trouble must not end the process
+        (its supervisor would spend the deployment's restart budget on it)."""
+        settings = self.settings
+        queue_settings = settings.queue.model_copy(
+            update={"max_backlog": int(runtime["max_backlog"])}
+        )
+        queue = TrajectoryQueue(self.client, job.id, queue_settings)
+        queue.ensure()
+        worker = RolloutWorker(loop, queue, settings.consumer_name())
+        with self._lock:
+            self.worker = worker
+        self.jobs_followed.append(job.id)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                worker.run()
+            except Exception as exc:  # logged, and the job followed again after a pause
+                failure.append(exc)
+                log.exception("rollout worker failed on job %s", job.id)
+
+        thread = threading.Thread(target=run, name=f"rollout-{job.id}", daemon=True)
+        thread.start()
+        log_event(log, logging.INFO, "job followed", job=job.id, consumer=settings.consumer_name())
+        try:
+            while True:
+                thread.join(settings.job_poll_s)
+                if not thread.is_alive() or self._stop.is_set():
+                    break
+                if not self._still_current(job.id):
+                    break
+            worker.request_stop()
+            backend.close()  # the questions in flight fail now; their prompts stay unacked
+            thread.join()
+        finally:
             with self._lock:
                 self.worker = None
+        log_event(log, logging.INFO, "job left", job=job.id)
         if failure:
-            raise RuntimeError(f"rollout worker failed on job {job.id}: {failure[0]}") from (
-                failure[0]
-            )
+            self._stop.wait(_RETRY_S)
+
+    def _refuse(self, job_id: str, reason: str) -> None:
+        """Fail a job this worker cannot sample (the learner sees it finished and stops)."""
+        self._refused.add(job_id)
+        log.error("%s", reason)
+        try:
+            self.store.finish(job_id, JobState.FAILED, reason)
+        except (JobStateError, redis.RedisError) as err:
+            log.error("job %s could not be failed: %s", job_id, err)

@@ -80,6 +80,10 @@ class AxpoResampling(RolloutRunner):
         self.speculation = SpeculationCounters()
         self._spec_lock = threading.Lock()
 
+    def close(self) -> None:
+        super().close()
+        self._resumers.shutdown(wait=False, cancel_futures=True)
+
     def _speculate(
         self, group_id: str, states: Sequence[RolloutState], callers: Sequence[bool]
     ) -> dict[tuple[int, int, int], Speculation]:

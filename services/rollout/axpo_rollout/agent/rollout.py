@@ -101,9 +101,16 @@ class RolloutRunner:
             }
             for t in self.tools
         ]
+        self._own_pool = pool is None
         self.pool = pool or ThreadPoolExecutor(max_workers=64, thread_name_prefix="rollout")
         self._seed = seed
         self._delta_cache: dict[tuple[str, int], list[int]] = {}
+
+    def close(self) -> None:
+        """Release the threads this loop made (a worker following a deployment's jobs makes a
+        loop per job); work not started is cancelled. A pool passed in is the caller's."""
+        if self._own_pool and isinstance(self.pool, ThreadPoolExecutor):
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def sampling(self, n: int, max_tokens: int) -> SamplingParams:
         r = self.spec.rollout
