@@ -28,7 +28,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             args.model,
             args.dir,
             rollout_workers=args.rollout_workers,
-            restarts=RestartSpec(max=args.max_restarts),
+            # Per 10 minutes of life: a process that ran that long starts its count again.
+            restarts=RestartSpec(max=args.max_restarts, reset_after_s=600.0),
         )
     except (RunError, ValueError) as exc:
         print(f"axpo deploy: {exc}", file=sys.stderr)

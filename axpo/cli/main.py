@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("--rollout-workers", type=int, default=1, help="rollout worker processes")
     deploy.add_argument(
-        "--max-restarts", type=int, default=3, help="restarts allowed per process (backoff)"
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="restarts allowed per process within 10 minutes of its life (backoff)",
     )
     deploy.set_defaults(handler=cmd_deploy)
 

@@ -317,6 +317,8 @@ class Supervisor:
     restarts: Counter[str] = field(default_factory=Counter)
     """Restarts so far per process name."""
     _due: dict[str, float] = field(default_factory=dict)
+    _started: dict[str, float] = field(default_factory=dict)
+    """When each process was last (re)started, as far as this supervisor saw it."""
 
     def check(self, skip: Sequence[Child] = ()) -> list[Restart]:
         """Restart what is due, schedule restarts for children that exited, or raise
@@ -331,7 +333,9 @@ class Supervisor:
                 if self.clock() >= due:
                     del self._due[child.name]
                     self.procs.restart(child)
+                    self._started[child.name] = self.clock()
                 continue
+            self._started.setdefault(child.name, self.clock())
             rc = child.proc.poll()
             if rc is None:
                 continue
@@ -344,6 +348,10 @@ class Supervisor:
 
     def _exited(self, child: Child, rc: int) -> Restart:
         how = describe_exit(rc)
+        reset = self.policy.reset_after_s
+        started = self._started.get(child.name, self.clock())
+        if reset is not None and self.clock() - started >= reset:
+            self.restarts[child.name] = 0  # it ran long enough: not a crash loop
         done = self.restarts[child.name]
         if child.name not in self.restartable:
             raise RunError(

@@ -206,6 +206,10 @@ class RestartSpec(BaseModel):
     """Wait before a process's first restart, in seconds."""
     max_backoff_s: Annotated[float, Field(ge=0)] = 30.0
     """Longest wait before a restart, in seconds (the doubling stops there)."""
+    reset_after_s: Annotated[float, Field(gt=0)] | None = None
+    """A process that ran this long since its last start has its count (and backoff) start
+    again from 0 when it exits: the budget then limits a crash loop, not a long life (a
+    standing deployment: ``axpo deploy`` uses 600 s). Unset: the budget covers the whole run."""
 
     @model_validator(mode="after")
     def _check(self) -> RestartSpec:

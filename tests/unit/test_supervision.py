@@ -153,6 +153,29 @@ def test_a_crashing_process_is_restarted_with_backoff_until_the_budget_is_spent(
     assert len(events) == 2
 
 
+def test_a_process_that_ran_long_enough_gets_its_budget_back(procs: Processes) -> None:
+    # A standing deployment (axpo deploy): the budget stops a crash loop, not a long life.
+    sup, now, _ = _supervisor(procs, max=1, backoff_s=1.0, reset_after_s=100.0)
+    child = procs.start("rollout-0", "rollout", {"FAKE": "exit3"})
+    sup.check()  # seen running (or exited) at t=0
+    child.proc.wait(10)
+    now[0] = 50.0
+    sup.check()
+    assert sup.restarts["rollout-0"] == 1
+    now[0] = 51.0
+    sup.check()  # restarted at t=51
+    child.proc.wait(10)
+    now[0] = 151.0  # ran 100 s since its restart
+    [event] = sup.check()
+    assert (event.number, event.delay_s) == (1, 1.0), "counted from 0 again"
+    now[0] = 152.0
+    sup.check()  # restarted at t=152
+    child.proc.wait(10)
+    now[0] = 160.0  # a quick crash: the budget of 1 is spent
+    with pytest.raises(RunError, match="after 1 restart"):
+        sup.check()
+
+
 def test_only_restartable_processes_are_restarted(procs: Processes) -> None:
     sup, _now, events = _supervisor(procs, max=3, backoff_s=0.0, max_backoff_s=0.0)
     running = procs.start("tools", "tools", {"FAKE": "run"})
