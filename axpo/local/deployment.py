@@ -8,10 +8,12 @@ tool and inference services, then the learner and the rollout workers in job-sto
 :mod:`axpo_rollout.jobs`), and waits. Jobs come through the api (``axpo job submit``, the
 Python client) and run one at a time; each job's files go to ``<dir>/jobs/<job id>/``.
 
-Every process but the inference service is supervised (``--restarts``, with backoff): a
-learner that dies mid-job is started again and resumes the job from its checkpoint; a rollout
-worker's unacknowledged questions come back to it. A spent restart budget, or the inference
-service exiting, stops the deployment with the process's log tail. SIGINT/SIGTERM stop every
+Every process is supervised (``--max-restarts``, with backoff; a process that ran 10 minutes
+gets its budget back): a learner that dies mid-job is started again and resumes the job from
+its checkpoint; a rollout worker's unacknowledged questions come back to it; an inference
+service started again serves its starting weights until the job's learner, which asks the
+replicas their version every few seconds, publishes the job's weights again. A spent restart
+budget stops the deployment with the process's log tail. SIGINT/SIGTERM stop every
 process (the learner checkpoints first; a running job stays ``running`` and resumes at the
 next ``axpo deploy`` in the same folder).
 
@@ -69,7 +71,7 @@ class Deployment:
         self.root = self.root.resolve()
         self.model = self.model.resolve()
         self.procs = Processes(self.root, python=self.python, out=self.out)
-        restartable = {"api", "tools", "verifier", "learner"}
+        restartable = {"api", "tools", "verifier", "inference", "learner"}
         restartable |= {f"rollout-{i}" for i in range(self.rollout_workers)}
         self.supervisor = Supervisor(
             self.procs, self.restarts, frozenset(restartable), self._restarted

@@ -9,7 +9,9 @@ api, on the tiny model:
 - a learner killed with SIGKILL mid-job is restarted by the supervisor and resumes the job
   from its checkpoint: every step once in the job's records, the restart in its events;
 - two jobs submitted together run one after the other, the second from the base weights at
-  a version above every one the first published.
+  a version above every one the first published;
+- an inference service killed with SIGKILL mid-job is restarted; the learner sees it serve
+  its starting weights and publishes the job's again, and the job succeeds.
 
 One deployment (one vLLM engine) serves the module's tests, in this order.
 """
@@ -89,7 +91,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deplo
     dep = Deployment(
         root / "dep",
         Path(model),
-        restarts=RestartSpec(max=2, backoff_s=0.5, max_backoff_s=1.0),
+        restarts=RestartSpec(max=3, backoff_s=0.5, max_backoff_s=1.0),
         env=env,
     )
     supervising = None
@@ -240,6 +242,40 @@ def test_two_jobs_run_one_after_the_other_the_second_from_the_base_weights(
     store_runtime = _runtime(dep, second.id)
     assert store_runtime["base_version"] > max(first_versions)
     assert min(second_versions) >= store_runtime["base_version"]
+
+
+def test_an_inference_service_killed_mid_job_is_restarted_and_gets_the_jobs_weights_again(
+    deployment: tuple[Deployment, Any],
+) -> None:
+    dep, client = deployment
+    job = client.submit(_spec(dep.model, "dep-inference", 4, checkpoint_every=1))
+    _wait("two steps", lambda: client.get(job.id).step >= 2, 400, dep)
+    inference = dep.children["inference"]
+    old_pid = inference.proc.pid
+    os.killpg(old_pid, signal.SIGKILL)
+    final = _wait(
+        "the job to end",
+        lambda: (j := client.get(job.id)).state.finished and j,
+        900,
+        dep,
+    )
+    assert inference.proc.pid != old_pid, "the supervisor restarted the inference service"
+    assert final.state == "succeeded", final.error
+    assert [m["step"] for m in client.metrics(job.id)] == [1, 2, 3, 4]
+    events = _events(client, job.id)
+    assert [e.data["process"] for e in events if e.type == "restart"] == ["inference"]
+    learner_log = dep.children["learner"].log_path.read_text()
+    assert "(restarted?): publishing again" in learner_log
+    # The restarted replica serves the job's newest weights, not its starting ones.
+    assert _served_version(dep) == max(e.data["version"] for e in events if e.type == "publish")
+
+
+def _served_version(dep: Deployment) -> int:
+    from axpo.local.launcher import _served_version as served
+
+    version = served(dep.children["inference"])
+    assert version is not None
+    return version
 
 
 def _runtime(dep: Deployment, job_id: str) -> dict[str, Any]:

@@ -98,6 +98,10 @@ _RETRY_S = 5.0
 """Pause before a job left running (Redis or the replicas unreachable) is taken up again."""
 
 
+_VERSION_CHECK_S = 5.0
+"""How often a running job's learner asks the replicas which version they serve."""
+
+
 class RetryLater(RuntimeError):
     """The job cannot go on now for a reason not its own; it stays running, taken up again
     after :data:`_RETRY_S` from its checkpoint."""
@@ -379,10 +383,16 @@ class JobRunner:
         ended: threading.Event,
     ) -> None:
         """While the loop trains: keep its questions fed; stop it on a cancel, or when the job
-        ended elsewhere (a rollout worker that cannot sample it fails it)."""
+        ended elsewhere (a rollout worker that cannot sample it fails it); have it publish
+        again when a replica serves an older version than it published (a restarted inference
+        service serves its starting weights: their groups would all be dropped as stale)."""
+        next_version_check = time.monotonic() + _VERSION_CHECK_S
         while not loop.stopping and not loop.done():
             try:
                 feeder.top_up()
+                if self.publisher is not None and time.monotonic() >= next_version_check:
+                    next_version_check = time.monotonic() + _VERSION_CHECK_S
+                    self._check_served_versions(job_id, loop)
                 job = self.store.get(job_id)
                 if job.state.finished:
                     log.warning("job %s ended %s elsewhere; stopping", job_id, job.state)
@@ -397,6 +407,23 @@ class JobRunner:
             except redis.RedisError as exc:  # the loop itself retries and gives up
                 log.warning("job %s: job store unreachable: %s", job_id, exc)
             time.sleep(min(self.settings.job_poll_s, 0.5))
+
+    def _check_served_versions(self, job_id: str, loop: LearnerLoop) -> None:
+        assert self.publisher is not None
+        try:
+            served = self.publisher.serving_versions(timeout_s=2.0)
+        except PublishError:
+            return  # down or starting: asked again later
+        published = loop.status().published_version
+        if served and min(served) < published:
+            log.warning(
+                "job %s: a replica serves version %d below the published %d (restarted?): "
+                "publishing again",
+                job_id,
+                min(served),
+                published,
+            )
+            loop.request_republish()
 
     def _write_summary(self, job_id: str, spec: JobSpec, job_dir: Path, state: JobState) -> None:
         """``report.md`` (with plots) and ``summary.json`` in the job's folder; a report that

@@ -34,6 +34,7 @@ class Collector:
         trainer: Trainer,
         redis: RedisRetry,
         stop: threading.Event,
+        interrupt: threading.Event | None = None,
     ) -> None:
         self.queue = queue
         self.settings = settings
@@ -41,6 +42,9 @@ class Collector:
         self.trainer = trainer
         self._redis = redis
         self._stop = stop
+        # Set by another thread to have the current collect return early (None; what was taken
+        # is kept for the next call): the loop has something to do between steps.
+        self._interrupt = interrupt or threading.Event()
         # Deliveries collected for a step not yet trained: one that a stop interrupted (used by
         # the next run()), or, under torchrun, one still being collected over rounds.
         self.carry: list[Delivery] = []
@@ -69,7 +73,7 @@ class Collector:
             now = time.monotonic()
             if self._deadline is not None and now >= self._deadline:
                 break
-            if until is not None and now >= until:
+            if (until is not None and now >= until) or self._interrupt.is_set():
                 self.carry = got
                 return None
             block = block_ms

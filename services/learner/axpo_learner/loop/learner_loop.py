@@ -98,6 +98,7 @@ class LearnerLoop:
                 f"export_dir needs model to be a local checkpoint directory, got {settings.model!r}"
             )
         self._stop = threading.Event()
+        self._republish = threading.Event()
         self._lock = threading.Lock()
         self._state = LoopState(published_version=trainer.policy_version)
         self._recovered = False
@@ -106,7 +107,15 @@ class LearnerLoop:
         self._uncheckpointed: list[str] = []
         # Rank 0 takes the groups; the other ranks get each step from it.
         self._collector = (
-            Collector(queue, settings, self.questions_per_step, trainer, self._redis, self._stop)
+            Collector(
+                queue,
+                settings,
+                self.questions_per_step,
+                trainer,
+                self._redis,
+                self._stop,
+                self._republish,
+            )
             if queue is not None
             else None
         )
@@ -122,6 +131,14 @@ class LearnerLoop:
     def request_stop(self) -> None:
         """End :meth:`run` after the current step (thread-safe, idempotent)."""
         self._stop.set()
+
+    def request_republish(self) -> None:
+        """Publish the current weights again, above every version served, before the next step
+        (thread-safe): a replica restarted and serves its starting weights. One process only
+        (under torchrun the publication is a collective the other ranks would not join)."""
+        if self.world.distributed:
+            raise RuntimeError("request_republish: not under torchrun")
+        self._republish.set()
 
     def set_min_group_version(self, version: int | None) -> None:
         """Drop groups sampled before ``version`` as stale (a deployment's job: the versions
@@ -211,6 +228,9 @@ class LearnerLoop:
             if not self._recovered:
                 self.recover()
             while not self._stopping() and not self.done():
+                if self._republish.is_set():
+                    self._republish.clear()
+                    self._publication.republish(restored=True)
                 if self.run_step():
                     steps += 1
             self._checkpoint_and_ack()
