@@ -11,7 +11,8 @@ api, on the tiny model:
 - two jobs submitted together run one after the other, the second from the base weights at
   a version above every one the first published;
 - an inference service killed with SIGKILL mid-job is restarted; the learner sees it serve
-  its starting weights and publishes the job's again, and the job succeeds.
+  its starting weights and publishes the job's again, and the job succeeds (its later steps
+  trained on groups sampled after the restart).
 
 One deployment (one vLLM engine) serves the module's tests, in this order.
 """
@@ -248,7 +249,9 @@ def test_an_inference_service_killed_mid_job_is_restarted_and_gets_the_jobs_weig
     deployment: tuple[Deployment, Any],
 ) -> None:
     dep, client = deployment
-    job = client.submit(_spec(dep.model, "dep-inference", 4, checkpoint_every=1))
+    # Long enough that steps after the restart need new samples (the backlog holds two
+    # steps' groups sampled before it).
+    job = client.submit(_spec(dep.model, "dep-inference", 8, checkpoint_every=1))
     _wait("two steps", lambda: client.get(job.id).step >= 2, 400, dep)
     inference = dep.children["inference"]
     old_pid = inference.proc.pid
@@ -261,7 +264,7 @@ def test_an_inference_service_killed_mid_job_is_restarted_and_gets_the_jobs_weig
     )
     assert inference.proc.pid != old_pid, "the supervisor restarted the inference service"
     assert final.state == "succeeded", final.error
-    assert [m["step"] for m in client.metrics(job.id)] == [1, 2, 3, 4]
+    assert [m["step"] for m in client.metrics(job.id)] == list(range(1, 9))
     events = _events(client, job.id)
     assert [e.data["process"] for e in events if e.type == "restart"] == ["inference"]
     learner_log = dep.children["learner"].log_path.read_text()
