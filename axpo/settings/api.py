@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode
+from pydantic_settings import NoDecode
 
-from axpo.settings.base import LogSettings, service_settings
+from axpo.settings.base import LogSettings, ServiceSettings, service_settings
 
 
-class ApiSettings(BaseSettings):
+class ApiSettings(ServiceSettings):
     """The api service (``axpo serve api``): jobs over HTTP, all state in Redis."""
 
     model_config = service_settings("AXPO_API_")

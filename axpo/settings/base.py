@@ -3,10 +3,10 @@ config dicts, and one formatter for validation errors."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 """Every settings model: unknown fields are errors, docstrings are the field help, frozen."""
@@ -21,6 +21,42 @@ def service_settings(prefix: str) -> SettingsConfigDict:
         use_attribute_docstrings=True,
         frozen=True,
     )
+
+
+class ServiceSettings(BaseSettings):
+    """Base of every service's top-level settings (``AXPO_<SERVICE>_*``).
+
+    A nested field set in part (``AXPO_VERIFIER_RPC__HOST=0.0.0.0``, or a partial mapping) keeps
+    the rest of that field's default, not of its class: pydantic-settings would otherwise
+    build ``RpcServerSettings(host="0.0.0.0")`` with the class's port 0 instead of the
+    verifier's 50053 (found by the podman smoke test: the container listened on a random
+    port), and ``AXPO_ROLLOUT_INFERENCE__TARGET`` would drop the inference deadline of 600 s
+    to the class's 30 s."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_nested_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {
+            name: _merged(cls.model_fields[name].default, value)
+            if name in cls.model_fields
+            else value
+            for name, value in data.items()
+        }
+
+
+def _merged(default: Any, value: Any) -> Any:
+    """``value`` over ``default`` where ``value`` is a mapping given for a model default,
+    recursively; ``value`` unchanged otherwise."""
+    if not (isinstance(default, BaseModel) and isinstance(value, dict)):
+        return value
+    out: dict[str, Any] = {}
+    for name in type(default).model_fields:
+        out[name] = getattr(default, name)
+    for name, sub in value.items():
+        out[name] = _merged(out.get(name), sub)
+    return out
 
 
 class RpcServerSettings(BaseModel):

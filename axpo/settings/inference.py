@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
 
-from axpo.settings.base import LogSettings, RpcServerSettings, service_settings
+from axpo.settings.base import LogSettings, RpcServerSettings, ServiceSettings, service_settings
 
 
-class InferenceSettings(BaseSettings):
+class InferenceSettings(ServiceSettings):
     """The inference service (``axpo serve inference``): vLLM in-process."""
 
     model_config = service_settings("AXPO_INFERENCE_")

@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
 
 from axpo.settings.base import (
     LogSettings,
     RpcClientSettings,
     RpcServerSettings,
+    ServiceSettings,
     service_settings,
 )
 from axpo.settings.queue import QueueSettings
 
 
-class LearnerSettings(BaseSettings):
+class LearnerSettings(ServiceSettings):
     """The learner (``axpo serve learner``): consumes groups, trains, publishes weights."""
 
     model_config = service_settings("AXPO_LEARNER_")
@@ -116,7 +116,7 @@ class LearnerSettings(BaseSettings):
     """Shared directory (tmpfs or shared volume) the ``path`` transport writes to."""
     publish_chunk_bytes: Annotated[int, Field(ge=1024)] = 4 << 20
     """Largest tensor chunk the ``stream`` transport sends."""
-    inference_targets: list[RpcClientSettings] = []
+    inference_targets: list[RpcClientSettings] = Field(default_factory=list)
     """Inference replicas new weights go to (each confirms the version)."""
     max_policy_lag: Annotated[int, Field(ge=0)] = 4
     """Groups older than the current policy by more than this many versions are dropped

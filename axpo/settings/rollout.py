@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
 
 from axpo.settings.base import (
     LogSettings,
     RpcClientSettings,
     RpcServerSettings,
+    ServiceSettings,
     service_settings,
 )
 from axpo.settings.queue import QueueSettings
 
 
-class RolloutSettings(BaseSettings):
+class RolloutSettings(ServiceSettings):
     """A rollout worker (``axpo serve rollout``): takes questions from the prompts stream, runs
     the agent loop against the inference, tool and verifier services, puts scored groups."""
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings
 
-from axpo.settings.base import MODEL_CONFIG, LogSettings, RpcServerSettings, service_settings
+from axpo.settings.base import (
+    MODEL_CONFIG,
+    LogSettings,
+    RpcServerSettings,
+    ServiceSettings,
+    service_settings,
+)
 
 
 class ZoomSettings(BaseModel):
@@ -96,7 +101,7 @@ class SearchSettings(BaseModel):
     """HTTP backend: request timeout."""
 
 
-class ToolsSettings(BaseSettings):
+class ToolsSettings(ServiceSettings):
     """The tool server (``axpo serve tools``)."""
 
     model_config = service_settings("AXPO_TOOLS_")

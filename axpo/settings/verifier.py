@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
 
 from axpo.contracts.domain import RewardWeights
-from axpo.settings.base import LogSettings, RpcServerSettings, service_settings
+from axpo.settings.base import LogSettings, RpcServerSettings, ServiceSettings, service_settings
 
 
-class VerifierSettings(BaseSettings):
+class VerifierSettings(ServiceSettings):
     """The reward verifier service (``axpo serve verifier``)."""
 
     model_config = service_settings("AXPO_VERIFIER_")

@@ -144,3 +144,46 @@ def test_a_rollout_workers_consumer_name_is_its_hosts_unless_set(monkeypatch):
     monkeypatch.delenv("AXPO_ROLLOUT_CONSUMER", raising=False)
     assert RolloutSettings().consumer_name() == socket.gethostname()
     assert RolloutSettings(consumer="rollout-3").consumer_name() == "rollout-3"
+
+
+def _only_env(monkeypatch, env: dict[str, str]) -> None:
+    import os
+
+    for key in [k for k in os.environ if k.startswith("AXPO_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_nested_setting_given_in_part_keeps_the_rest_of_its_default(monkeypatch):
+    from axpo.settings.inference import InferenceSettings
+    from axpo.settings.rollout import RolloutSettings
+    from axpo.settings.tools import ToolsSettings
+    from axpo.settings.verifier import VerifierSettings
+
+    # An image sets only the host: the service keeps its own port (not RpcServerSettings' 0).
+    _only_env(monkeypatch, {"AXPO_VERIFIER_RPC__HOST": "0.0.0.0"})
+    rpc = VerifierSettings().rpc
+    assert (rpc.host, rpc.port) == ("0.0.0.0", 50053)
+    _only_env(monkeypatch, {"AXPO_INFERENCE_RPC__HOST": "0.0.0.0"})
+    rpc = InferenceSettings().rpc
+    assert (rpc.host, rpc.port, rpc.max_workers) == ("0.0.0.0", 50051, 64)
+    # compose sets only the target: generation keeps its 600 s deadline (not the class's 30).
+    _only_env(monkeypatch, {"AXPO_ROLLOUT_INFERENCE__TARGET": "inference:50051"})
+    target = RolloutSettings().inference
+    assert (target.target, target.deadline_s) == ("inference:50051", 600.0)
+    # Two levels down, and a partial mapping given in code.
+    _only_env(monkeypatch, {"AXPO_TOOLS_PYTHON__ENABLED": "false"})
+    assert ToolsSettings().python.enabled is False
+    _only_env(monkeypatch, {})
+    assert VerifierSettings(rpc={"host": "0.0.0.0"}).rpc.port == 50053  # type: ignore[arg-type]
+
+
+def test_a_typo_in_a_nested_setting_is_still_an_error(monkeypatch):
+    from pydantic import ValidationError
+
+    from axpo.settings.verifier import VerifierSettings
+
+    monkeypatch.setenv("AXPO_VERIFIER_RPC__HOSTNAME", "0.0.0.0")
+    with pytest.raises(ValidationError, match="hostname"):
+        VerifierSettings()

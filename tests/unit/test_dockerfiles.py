@@ -249,6 +249,10 @@ def test_axpo_env_are_settings_fields(service: str, monkeypatch: pytest.MonkeyPa
     loaded = cls()
     host = loaded.host if service == "api" else loaded.rpc.host  # type: ignore[attr-defined]
     assert host == "0.0.0.0", f"{service}: listens on {host} in its container"
+    # And on the port it EXPOSEs (a nested setting given in part keeps the rest: the podman
+    # smoke test once found the verifier on a random port).
+    port = loaded.port if service == "api" else loaded.rpc.port  # type: ignore[attr-defined]
+    assert port == default_port(service), f"{service}: listens on port {port}"
 
 
 @pytest.mark.parametrize("service", SERVICES)
