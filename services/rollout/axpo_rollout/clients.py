@@ -27,7 +27,7 @@ from axpo.contracts.domain import (
     ToolResult,
     ToolSpec,
 )
-from axpo.rpc.client import open_channel, wait_for_health
+from axpo.rpc.client import ServiceUnavailableError, open_channel, wait_for_health
 from axpo.settings.base import RpcClientSettings
 from axpo.v1 import (
     inference_pb2,
@@ -38,6 +38,10 @@ from axpo.v1 import (
     verifier_pb2_grpc,
 )
 from axpo_rollout.agent import Cancelled, CancelToken, PromptTooLongError
+
+UNREACHABLE: tuple[type[Exception], ...] = (ServiceUnavailableError, grpc.RpcError)
+"""What :meth:`GrpcBackend.wait_ready` and :meth:`GrpcBackend.list_tools` raise when a service
+is not there (yet): callers outside the gRPC edge catch these without importing grpc."""
 
 
 class GrpcBackend:

@@ -20,19 +20,17 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import redis
 from pydantic import ValidationError
 
 from axpo.contracts.template_check import TemplateMismatch
 from axpo.jobs import JobRecord, JobState, JobStateError, JobStore
 from axpo.queue import TrajectoryQueue
-from axpo.rpc.client import ServiceUnavailableError
 from axpo.settings.job import JobSpec
 from axpo.settings.rollout import RolloutSettings
 from axpo.telemetry.logs import log_event
 from axpo_rollout.agent import AgentLoop, Vocab
-from axpo_rollout.clients import GrpcBackend
+from axpo_rollout.clients import UNREACHABLE, GrpcBackend
 from axpo_rollout.worker import RolloutWorker
 
 log = logging.getLogger("axpo.rollout")
@@ -114,7 +112,7 @@ class JobFollower:
                 backend.wait_ready(settings.health_timeout_s)
                 tools = backend.list_tools()
                 loop = AgentLoop(backend, Vocab(checkpoint), spec, tools, seed=None)
-            except (ServiceUnavailableError, grpc.RpcError) as exc:
+            except UNREACHABLE as exc:
                 log.warning("job %s: services not ready (%s); trying again", job.id, exc)
                 self._stop.wait(_RETRY_S)
                 return
