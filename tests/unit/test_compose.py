@@ -16,36 +16,23 @@ import os
 import re
 import shutil
 import subprocess
-import types
-import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel, ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import ValidationError
 
 from axpo.settings.api import ApiSettings
-from axpo.settings.inference import InferenceSettings
 from axpo.settings.learner import LearnerSettings
 from axpo.settings.rollout import RolloutSettings
-from axpo.settings.tools import ToolsSettings
-from axpo.settings.verifier import VerifierSettings
+from tests.settings_fields import SETTINGS, field_path_error
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
 
-SETTINGS: dict[str, type[BaseSettings]] = {
-    "api": ApiSettings,
-    "verifier": VerifierSettings,
-    "tools": ToolsSettings,
-    "inference": InferenceSettings,
-    "learner": LearnerSettings,
-    "rollout": RolloutSettings,
-}
 GPU_KINDS = {"inference", "learner"}
 PROFILES = ("gpu", "cpu")
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -108,27 +95,6 @@ def profile(svc: dict[str, Any]) -> str | None:
 
 def active(name: str, which: str) -> bool:
     return profile(services()[name]) in (None, which)
-
-
-def unwrap(annotation: Any) -> Any:
-    """``X | None`` -> X (nested settings are never optional, but be exact about it)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def field_path_error(cls: type[BaseModel], path: list[str]) -> str | None:
-    """Why ``path`` (``rpc``, ``host``) is not a field path of ``cls``; None when it is."""
-    model: Any = cls
-    for i, part in enumerate(path):
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return f"{'.'.join(path[:i])} is not a settings model (no field {part!r})"
-        if part not in model.model_fields:
-            return f"{model.__name__} has no field {part!r}"
-        model = unwrap(model.model_fields[part].annotation)
-    return None
 
 
 def axpo_services() -> dict[str, tuple[str, dict[str, Any]]]:

@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
-from pydantic import BaseModel
 from pydantic_settings import BaseSettings
+
+from tests.settings_fields import SETTINGS, field_path_error
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("api", "verifier", "tools", "inference", "learner", "rollout")
@@ -120,21 +121,7 @@ def exec_form(args: str) -> list[str]:
 
 
 def settings_class(service: str) -> type[BaseSettings]:
-    from axpo.settings.api import ApiSettings
-    from axpo.settings.inference import InferenceSettings
-    from axpo.settings.learner import LearnerSettings
-    from axpo.settings.rollout import RolloutSettings
-    from axpo.settings.tools import ToolsSettings
-    from axpo.settings.verifier import VerifierSettings
-
-    return {
-        "api": ApiSettings,
-        "verifier": VerifierSettings,
-        "tools": ToolsSettings,
-        "inference": InferenceSettings,
-        "learner": LearnerSettings,
-        "rollout": RolloutSettings,
-    }[service]  # type: ignore[return-value]
+    return SETTINGS[service]
 
 
 def default_port(service: str) -> int:
@@ -146,21 +133,6 @@ def default_port(service: str) -> int:
 
 def port_variable(service: str) -> str:
     return "AXPO_API_PORT" if service == "api" else f"AXPO_{service.upper()}_RPC__PORT"
-
-
-def resolve_field(model: type[BaseModel], path: list[str]) -> str | None:
-    """Why ``path`` (lower-case names split at ``__``) is not a field of ``model``; None when
-    it is."""
-    name, rest = path[0], path[1:]
-    info = model.model_fields.get(name)
-    if info is None:
-        return f"{model.__name__} has no field {name!r}"
-    if not rest:
-        return None
-    sub = info.annotation
-    if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
-        return f"{model.__name__}.{name} is not a nested model (cannot take {'__'.join(rest)})"
-    return resolve_field(sub, rest)
 
 
 def hadolint() -> str | None:
@@ -239,7 +211,7 @@ def test_axpo_env_are_settings_fields(service: str, monkeypatch: pytest.MonkeyPa
     assert variables, f"{service}: no AXPO_* default (the service would listen on 127.0.0.1)"
     for key in variables:
         assert key.startswith(prefix), f"{service}: {key} is not one of {cls.__name__}'s"
-        problem = resolve_field(cls, key[len(prefix) :].lower().split("__"))
+        problem = field_path_error(cls, key[len(prefix) :].lower().split("__"))
         assert problem is None, f"{service}: {key}: {problem}"
     # And the values are valid: the settings load from exactly this environment.
     for key in [k for k in os.environ if k.startswith("AXPO_")]:

@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import types
-import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,15 @@ from unittest import mock
 import jsonschema
 import pytest
 import yaml
-from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
 from axpo.jobs import JobState, JobStore
 from axpo.queue import TrajectoryQueue
 from axpo.settings.api import ApiSettings
-from axpo.settings.inference import InferenceSettings
 from axpo.settings.learner import LearnerSettings
 from axpo.settings.queue import QueueSettings
 from axpo.settings.rollout import RolloutSettings
-from axpo.settings.tools import ToolsSettings
-from axpo.settings.verifier import VerifierSettings
+from tests.settings_fields import SETTINGS, env_error
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "k8s" / "axpo"
@@ -48,14 +44,6 @@ TEMPLATE_ARGS = (RELEASE, str(CHART), "--namespace", NAMESPACE)
 KUBE_VERSIONS = ("1.30.0", "latest")
 KUBE_FLAG = ("--kube-version", "1.30.0")
 
-SETTINGS: dict[str, type[BaseSettings]] = {
-    "api": ApiSettings,
-    "verifier": VerifierSettings,
-    "tools": ToolsSettings,
-    "inference": InferenceSettings,
-    "learner": LearnerSettings,
-    "rollout": RolloutSettings,
-}
 SERVICES = tuple(SETTINGS)
 
 # Values files, and the switches that render the objects the defaults leave out (KEDA with
@@ -423,30 +411,12 @@ def test_scaled_object_names_the_real_redis_keys(tmp_path_factory) -> None:
 # --------------------------------------------- (3) AXPO_* variables are settings fields
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    found = []
-    for a in (annotation, *typing.get_args(annotation)):
-        if isinstance(a, type) and issubclass(a, BaseModel):
-            found.append(a)
-    return found
-
-
 def resolve_env(cls: type[BaseSettings], name: str) -> None:
     """Raise KeyError unless ``name`` is a field path of ``cls`` (``AXPO_LEARNER_QUEUE__
     REDIS_URL`` -> ``queue.redis_url``), following nested models through ``__``."""
-    prefix = str(cls.model_config.get("env_prefix", ""))
-    if not name.upper().startswith(prefix.upper()):
-        raise KeyError(f"{name}: not under {cls.__name__}'s prefix {prefix}")
-    parts = name[len(prefix) :].lower().split(str(cls.model_config.get("env_nested_delimiter")))
-    model: type[BaseModel] = cls
-    for i, part in enumerate(parts):
-        if part not in model.model_fields:
-            raise KeyError(f"{name}: {model.__name__} has no field {part!r}")
-        if i < len(parts) - 1:
-            nested = _models_in(model.model_fields[part].annotation)
-            if not nested:
-                raise KeyError(f"{name}: {model.__name__}.{part} is not a nested model")
-            model = nested[0]
+    problem = env_error(cls, name)
+    if problem is not None:
+        raise KeyError(problem)
 
 
 def test_resolve_env_refuses_a_typo() -> None:
