@@ -24,7 +24,6 @@ Settings of each service come from the environment as usual (``AXPO_INFERENCE_KV
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import sys
 import time
@@ -40,9 +39,9 @@ from axpo.local.processes import (
     Processes,
     Restart,
     Supervisor,
-    describe_exit,
     settings_env,
 )
+from axpo.local.run_job import start_api
 from axpo.settings.job import RestartSpec
 
 
@@ -79,9 +78,7 @@ class Deployment:
 
     def _restarted(self, event: Restart) -> None:
         """Said, and recorded in the running job's events (``restart``) when a job runs."""
-        reason = (
-            f"exited with {describe_exit(event.exit_code)}; restarted after {event.delay_s:g} s"
-        )
+        reason = event.reason()
         self.procs.say(f"{event.service} {reason} (restart {event.number})")
         if self._store is not None:
             import redis
@@ -107,27 +104,23 @@ class Deployment:
         client, self.procs.redis = connect(queue)
         self._store = JobStore(client)
         redis_url = self.procs.redis.url
-        token = os.environ.get("AXPO_API_TOKENS", "")
-        if not token:
-            token = secrets.token_urlsafe(32)
-            path = self.root / "api-token"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
 
         def start(name: str, service: str, env: dict[str, str]) -> Child:
             return self.procs.start(name, service, {**self.env, **env})
 
         c = self.children
-        c["api"] = start("api", "api", {"AXPO_API_REDIS_URL": redis_url, "AXPO_API_TOKENS": token})
+        # Its token: AXPO_API_TOKENS when set, else a new one in <root>/api-token (0600).
+        c["api"], self.api_url, _ = start_api(
+            self.procs,
+            redis_url,
+            self.root,
+            self.startup_timeout_s,
+            os.environ.get("AXPO_API_TOKENS", ""),
+        )
         c["verifier"] = start("verifier", "verifier", {})
         c["tools"] = start("tools", "tools", {})
         c["inference"] = start("inference", "inference", {"AXPO_INFERENCE_MODEL": str(self.model)})
         self.procs.wait_ready([c["verifier"], c["tools"], c["inference"]], self.startup_timeout_s)
-        deadline = time.monotonic() + self.startup_timeout_s
-        api_port = self.procs.wait_port(c["api"], deadline, self.startup_timeout_s)
-        self.api_url = f"http://127.0.0.1:{api_port}"
-        (self.root / "api-url").write_text(self.api_url + "\n")
 
         def target(name: str, deadline_s: float) -> dict[str, Any]:
             return {"target": f"127.0.0.1:{c[name].port}", "deadline_s": deadline_s}

@@ -294,6 +294,10 @@ class Restart:
     log_tail: str
     """The last lines of its log."""
 
+    def reason(self) -> str:
+        """What a job's ``restart`` event says: how it exited, and the backoff."""
+        return f"exited with {describe_exit(self.exit_code)}; restarted after {self.delay_s:g} s"
+
 
 @dataclass
 class Supervisor:

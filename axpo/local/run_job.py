@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from axpo.jobs import JobState, JobStateError, JobStore
 from axpo.jobs.progress import JobProgress
-from axpo.local.processes import Child, Processes, Restart, RunError, describe_exit
+from axpo.local.processes import Child, Processes, Restart, RunError
 from axpo.settings.job import JobSpec
 
 if TYPE_CHECKING:
@@ -45,15 +45,17 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def start_api(
-    procs: Processes, redis_url: str, run_dir: Path, timeout_s: float
+    procs: Processes, redis_url: str, run_dir: Path, timeout_s: float, token: str = ""
 ) -> tuple[Child, str, str]:
-    """``axpo serve api`` on ``redis_url`` with a random token (passed in
-    ``AXPO_API_TOKENS``); waits until ``/readyz`` answers 200. Returns ``(child, url, token)``
-    and writes ``api-token`` (0600) and ``api-url`` in ``run_dir``."""
+    """``axpo serve api`` on ``redis_url`` with ``token`` (``AXPO_API_TOKENS``: one token or
+    several, comma-separated), or a random one written to ``run_dir/api-token`` (0600); waits
+    until ``/readyz`` answers 200. Returns ``(child, url, token)`` and writes ``api-url`` in
+    ``run_dir``."""
     import httpx
 
-    token = secrets.token_urlsafe(32)
-    _write_private(run_dir / "api-token", token)
+    if not token:
+        token = secrets.token_urlsafe(32)
+        _write_private(run_dir / "api-token", token)
     env = {"AXPO_API_REDIS_URL": redis_url, "AXPO_API_TOKENS": token}
     api = procs.start("api", "api", env)
     deadline = time.monotonic() + timeout_s
@@ -139,10 +141,7 @@ class RunJob:
         self._progress.record(record)
 
     def on_restart(self, event: Restart) -> None:
-        reason = (
-            f"exited with {describe_exit(event.exit_code)}; restarted after {event.delay_s:g} s"
-        )
-        self.store.record_restart(self.job_id, event.service, reason, event.number)
+        self.store.record_restart(self.job_id, event.service, event.reason(), event.number)
 
     def cancel_requested(self) -> bool:
         """Whether the job was cancelled through the api (``axpo job cancel``, Ctrl-C)."""

@@ -119,6 +119,13 @@ def _wait(what: str, cond: Callable[[], Any], timeout: float, dep: Deployment) -
     raise AssertionError(f"timed out waiting for {what}; logs:\n{json.dumps(logs, indent=1)}")
 
 
+def _ended(client: Any, job_id: str, timeout: float, dep: Deployment) -> Any:
+    """The job once it has ended (succeeded, failed or cancelled)."""
+    return _wait(
+        f"job {job_id} to end", lambda: (j := client.get(job_id)).state.finished and j, timeout, dep
+    )
+
+
 def _events(client: Any, job_id: str) -> list[Any]:
     job = client.get(job_id)
     assert job.state in ("succeeded", "failed", "cancelled"), job.state
@@ -175,12 +182,7 @@ def test_a_job_cancelled_through_the_api_ends_cancelled_with_a_checkpoint(
     job = client.submit(_spec(dep.model, "dep-cancel", 50, checkpoint_every=50))
     _wait("the first step", lambda: client.get(job.id).step >= 1, 400, dep)
     client.cancel(job.id)
-    final = _wait(
-        "the job to end",
-        lambda: (j := client.get(job.id)).state.finished and j,
-        180,
-        dep,
-    )
+    final = _ended(client, job.id, 180, dep)
     assert final.state == "cancelled"
     assert 1 <= final.step < 50
     assert client.checkpoints(job.id), "the learner checkpoints when cancelled"
@@ -199,12 +201,7 @@ def test_a_learner_killed_mid_job_is_restarted_and_resumes_the_job(
     learner = dep.children["learner"]
     old_pid = learner.proc.pid
     os.killpg(old_pid, signal.SIGKILL)
-    final = _wait(
-        "the job to end",
-        lambda: (j := client.get(job.id)).state.finished and j,
-        600,
-        dep,
-    )
+    final = _ended(client, job.id, 600, dep)
     assert learner.proc.pid != old_pid, "the supervisor restarted the learner"
     assert final.state == "succeeded", final.error
     # Every step once in the job's records (a step trained again after the restart replaces
@@ -226,12 +223,7 @@ def test_two_jobs_run_one_after_the_other_the_second_from_the_base_weights(
     _wait("the first job to start", lambda: client.get(first.id).state == "running", 120, dep)
     assert client.get(second.id).state == "queued", "one job at a time per deployment"
     for job in (first, second):
-        final = _wait(
-            f"job {job.id} to end",
-            lambda job=job: (j := client.get(job.id)).state.finished and j,
-            600,
-            dep,
-        )
+        final = _ended(client, job.id, 600, dep)
         assert final.state == "succeeded", final.error
     first_versions = [e.data["version"] for e in _events(client, first.id) if e.type == "publish"]
     second_versions = [e.data["version"] for e in _events(client, second.id) if e.type == "publish"]
@@ -256,12 +248,7 @@ def test_an_inference_service_killed_mid_job_is_restarted_and_gets_the_jobs_weig
     inference = dep.children["inference"]
     old_pid = inference.proc.pid
     os.killpg(old_pid, signal.SIGKILL)
-    final = _wait(
-        "the job to end",
-        lambda: (j := client.get(job.id)).state.finished and j,
-        900,
-        dep,
-    )
+    final = _ended(client, job.id, 900, dep)
     assert inference.proc.pid != old_pid, "the supervisor restarted the inference service"
     assert final.state == "succeeded", final.error
     assert [m["step"] for m in client.metrics(job.id)] == list(range(1, 9))

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from axpo.settings.api import ApiSettings
 from axpo.settings.learner import LearnerSettings
 from axpo.settings.rollout import RolloutSettings
-from tests.settings_fields import SETTINGS, field_path_error
+from tests.settings_fields import SETTINGS, field_path_error, validator_missing
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -497,7 +497,7 @@ def run_compose(cli: list[str], *args: str, profile_env: str | None = None) -> s
 def test_compose_validates_both_profiles() -> None:
     cli = compose_cli()
     if cli is None:
-        pytest.skip(
+        validator_missing(
             "no Compose validator: apt-get install -y --no-install-recommends docker-compose"
         )
     version = subprocess.run([*cli, "version", "--short"], capture_output=True, text=True)
